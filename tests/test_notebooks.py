@@ -1,0 +1,112 @@
+"""Every notebook executes in quick mode through the runner of ``make figures``, and the runner itself
+reports failures by notebook, cell and traceback, never rewrites a notebook in quick mode, and keeps
+``figures/`` in step with what the notebooks write.
+
+New notebooks (``notebooks/NN_*.ipynb``) are picked up by the glob: nothing to register.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+import covsvd
+from covsvd.figures import NOTEBOOK_GLOB, NotebookError, find_notebooks, run_notebook
+from covsvd.plotting import NAME_PATTERN
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob(NOTEBOOK_GLOB))
+IDS = [p.stem for p in NOTEBOOKS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_runs_in_quick_mode(path: Path, tmp_path: Path):
+    before = path.read_bytes()
+    figures = tmp_path / "figures"
+    run = run_notebook(path, quick=True, figures_dir=figures, write_to=tmp_path / path.name)
+    assert path.read_bytes() == before, "quick mode must not rewrite the notebook"
+    nb = nbformat.read(tmp_path / path.name, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not [o for o in cell.outputs if o.output_type == "error"]
+    for name in run.figures:
+        assert name.startswith(path.stem[:2] + "_"), f"{path.name} saved {name}: figure names start with its number"
+        for f in (figures / f"{name}.png", figures / f"{name}.svg", figures / "data" / f"{name}.csv"):
+            assert f.is_file() and f.stat().st_size > 0, f
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_shape(path: Path):
+    """Opens and ends with Markdown, runs on the python3 kernel, imports covsvd and never redefines it."""
+    assert re.fullmatch(r"\d\d_[a-z0-9_]+", path.stem), path.name
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[-1].cell_type == "markdown"
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert re.search(r"^\s*(import covsvd|from covsvd\b)", code, re.M), f"{path.name} does not import covsvd"
+    redefined = {n for n in re.findall(r"^\s*(?:def|class)\s+(\w+)", code, re.M)} & set(covsvd.__all__)
+    assert not redefined, f"{path.name} redefines covsvd's {sorted(redefined)}: import them instead"
+    for cell in nb.cells:  # saved outputs (full mode) never hold an error
+        if cell.cell_type == "code":
+            assert not [o for o in cell.outputs if o.output_type == "error"], path.name
+
+
+def _write(path: Path, *sources: str) -> Path:
+    cells = [new_markdown_cell("# test")] + [new_code_cell(s) for s in sources] + [new_markdown_cell("done")]
+    nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}})
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.slow
+def test_runner_reports_the_failing_cell(tmp_path: Path):
+    nb = _write(tmp_path / "98_broken.ipynb", "x = 1", "def f():\n    return 1 / 0\nf()", "print('never')")
+    before = nb.read_bytes()
+    with pytest.raises(NotebookError) as info:
+        run_notebook(nb, quick=False, figures_dir=tmp_path / "figures", timeout=120)
+    msg = str(info.value)
+    assert "98_broken" in msg and "cell 2" in msg and "ZeroDivisionError" in msg and "return 1 / 0" in msg
+    assert "\x1b[" not in msg, "ANSI colour codes stripped"
+    assert nb.read_bytes() == before, "a failed notebook is not written back"
+
+
+@pytest.mark.slow
+def test_runner_full_mode_writes_back_and_drops_stale_figures(tmp_path: Path):
+    figures = tmp_path / "figures"
+    (figures / "data").mkdir(parents=True)
+    for stale in (figures / "97_gone.png", figures / "97_gone.svg", figures / "data" / "97_gone.csv",
+                  figures / "96_other.png"):
+        stale.write_text("old")
+    nb = _write(
+        tmp_path / "97_ok.ipynb",
+        "import os\nfrom covsvd import plotting as cp\nimport matplotlib.pyplot as plt\n"
+        "print(os.environ['COVSVD_QUICK'], cp.quick(), os.getcwd())",
+        "fig, ax = plt.subplots()\nax.plot([1, 2], [3, 4])\ncp.save_figure(fig, '97_line', {'x': [1, 2], 'y': [3.0, 4.0]})",
+    )
+    run = run_notebook(nb, quick=False, figures_dir=figures, timeout=120)
+    assert run.name == "97_ok" and run.cells == 2 and run.figures == ("97_line",)
+    executed = nbformat.read(nb, as_version=4)
+    out = executed.cells[1].outputs[0]["text"]
+    assert out.split()[:2] == ["0", "False"] and out.split()[2] == str(tmp_path), "full mode, cwd = notebook's dir"
+    assert any("image/png" in o.get("data", {}) for o in executed.cells[2].outputs), "inline figure kept"
+    assert all("execution" not in c.metadata for c in executed.cells), "record_timing is off"
+    assert (figures / "97_line.png").is_file() and (figures / "data" / "97_line.csv").is_file()
+    assert not (figures / "97_gone.png").exists() and not (figures / "data" / "97_gone.csv").exists()
+    assert (figures / "96_other.png").exists(), "another notebook's figures are left alone"
+
+
+def test_find_notebooks_selects_by_prefix(tmp_path: Path):
+    for stem in ("01_a", "02_b", "03_c"):
+        _write(tmp_path / f"{stem}.ipynb", "1")
+    (tmp_path / "scratch.ipynb").write_text("{}")
+    assert [p.stem for p in find_notebooks(directory=tmp_path)] == ["01_a", "02_b", "03_c"]
+    assert [p.stem for p in find_notebooks(["03", "01_a"], directory=tmp_path)] == ["01_a", "03_c"]
+    with pytest.raises(NotebookError, match="09"):
+        find_notebooks(["09"], directory=tmp_path)
+    assert all(NAME_PATTERN.fullmatch(p.stem) for p in find_notebooks(directory=tmp_path))
