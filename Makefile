@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 ## make test: the whole suite (algebra properties, capture vs brute force, notebooks in quick mode)
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup
 
 ## make figures: re-execute every notebook headless (full settings) and rewrite figures/ + their data
 figures: $(STAMP)

@@ -12,7 +12,17 @@ modules, Conv1D boundary), ``moments`` (the running sums), ``capture`` (hooks), 
 ``orient`` (the algebra, pure tensors), ``rotation`` (Cayley), ``adapter`` (the bounded-gain layer).
 """
 
-from .adapter import BoundedGainLinear, attach_adapters, detach_adapters, load_adapters, save_adapters
+from .adapter import (
+    AttachReport,
+    BoundedGainLinear,
+    adapters,
+    attach_adapters,
+    detach_adapters,
+    load_adapters,
+    save_adapters,
+    trainable_parameters,
+)
+from .cache import cached_capture
 from .capture import capture_moments
 from .corpus import calibration_batches, count_tokens, passages
 from .io import load_moments, save_moments
@@ -24,10 +34,14 @@ from .targets import find_targets, weight_matrix
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttachReport",
+    "adapters",
+    "trainable_parameters",
     "BoundedGainLinear",
     "Oriented",
     "SecondMoment",
     "attach_adapters",
+    "cached_capture",
     "calibration_batches",
     "capture_moments",
     "count_tokens",

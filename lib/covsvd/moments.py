@@ -4,41 +4,163 @@ Uncentered by design (DESIGN.md): the quantity that reconstruction under the rea
 distribution needs is ``E[x x^T]``, mean included. The mean and the per-channel mean of ``|x|`` are
 kept too (O(d_in) each), so the centered covariance and the ASVD paper's statistic are one call away.
 
-All sums are fp64. ``count`` is the number of real rows (tokens) summed; padding never enters.
+All stored sums are fp64. ``count`` is the number of real rows (tokens) summed; padding never enters.
 Sums, not means, are stored so that two moments add exactly (``a + b``) and reduce across processes
-with one ``all_reduce`` each.
+with one ``all_reduce`` each (:meth:`SecondMoment.all_reduce`).
+
+Streaming: :class:`MomentAccumulator` adds batches of rows ``x`` ``(N, d_in)`` into O(d_in^2) (full) or
+O(d_in) (diag) memory, whatever the number of rows. Its per-batch Gram product ``x^T x`` is computed
+in one of two precisions (``accumulate=``):
+
+* ``"float64"`` (the default): rows are cast to fp64 and multiplied in fp64. Equals fp64 brute force
+  (``X^T X / n`` over every stored row) to summation-order rounding, ~1e-15 relative.
+* ``"float32"``: the per-batch product is an fp32 GEMM (rows cast to fp32), added into the fp64
+  running sum. The O(d_in) sums stay fp64.
+
+Chosen by measurement (``bench/capture.py``, default model, 131k tokens, 2 CPU threads): fp32 GEMMs run
+about 1.7x faster than fp64 ones, which makes the whole capture 10-25% faster, but the matrix is off by
+~1e-7 relative and the smallest eigenvalues by up to 4e-3 (condition numbers reach 6e8) -- and the
+orientation code whitens with ``C^{-1/2}``. Exactness wins the default; ``"float32"`` is one argument away.
+
+Only the upper block triangle of ``x^T x`` is multiplied (the matrix is symmetric); the lower blocks
+are mirrored once, when the accumulator is turned into a :class:`SecondMoment`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 KINDS = ("full", "diag")
+ACCUMULATE = ("float64", "float32")
+# Block width of the upper-triangular Gram product: k blocks skip (k - 1) / 2k of the multiply-adds, but
+# narrow blocks make slower GEMMs. Measured on CPU (2 threads, N = 2000 rows): d_in = 384 is fastest in two
+# blocks of 192 (fp64 6.6 ms vs 7.9 whole; fp32 3.6 vs 4.7), d_in = 1536 in four of 384 (fp64 79 ms vs 123
+# whole and 90 for 512; fp32 48 vs 76).
+GRAM_BLOCK_TARGET = 384
 
 
-@dataclass
+def gram_block(d: int) -> int:
+    """Block width for a ``d``-column Gram product: one block up to 256, else ~``d / round(d / 384)``, >= 2 blocks."""
+    if d <= 256:
+        return d
+    k = max(2, round(d / GRAM_BLOCK_TARGET))
+    return -(-d // k)
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}; expected one of {allowed}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure tensor functions (the algebra). ``out`` tensors are fp64 and updated in place.
+
+
+def block_edges(d: int, block: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``range(d)`` in blocks of at most ``block`` columns."""
+    if block < 1:
+        raise ValueError(f"block={block} must be >= 1")
+    return [(i, min(i + block, d)) for i in range(0, d, block)]
+
+
+def add_gram_upper_(out: torch.Tensor, x: torch.Tensor, block: int | None = None) -> None:
+    """``out[I, J] += x[:, I]^T x[:, J]`` for the blocks ``I <= J`` of the upper block triangle.
+
+    ``out``: ``(d, d)`` fp64. ``x``: ``(N, d)``, fp64 (fp64 GEMM, accumulated into ``out`` by ``addmm_``)
+    or fp32 (fp32 GEMM per block, then added into fp64 ``out``). Blocks below the diagonal are not
+    touched: call :func:`mirror_lower_` once at the end.
+    """
+    edges = block_edges(x.shape[1], block or gram_block(x.shape[1]))
+    for bi, (i0, i1) in enumerate(edges):
+        xi = x[:, i0:i1]  # (N, bi)
+        for j0, j1 in edges[bi:]:
+            target = out[i0:i1, j0:j1]  # (bi, bj) view of the fp64 sum
+            if x.dtype == torch.float64:
+                target.addmm_(xi.T, x[:, j0:j1])
+            else:
+                target.add_(xi.T @ x[:, j0:j1])
+
+
+def mirror_lower_(out: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """Copy the upper blocks of ``out`` (filled by :func:`add_gram_upper_`) into the lower ones; returns ``out``.
+
+    Diagonal blocks are computed whole by the GEMM; they are symmetrised as ``(B + B^T) / 2`` so that the
+    result is exactly symmetric (a GEMM need not return a bitwise-symmetric ``X^T X``).
+    """
+    edges = block_edges(out.shape[0], block or gram_block(out.shape[0]))
+    for bi, (i0, i1) in enumerate(edges):
+        diag = out[i0:i1, i0:i1]
+        diag.copy_((diag + diag.T) / 2)
+        for j0, j1 in edges[bi + 1 :]:
+            out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
+    return out
+
+
+def row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum x, sum |x|)`` over the rows of ``x`` ``(N, d)``: each ``(d,)``, elements cast to fp64 and summed in fp64."""
+    f64 = torch.float64  # (abs().sum is several times faster than vector_norm(ord=1, dim=0) on CPU)
+    return x.sum(0, dtype=f64), x.abs().sum(0, dtype=f64)
+
+
+def square_sums(x: torch.Tensor) -> torch.Tensor:
+    """``sum x**2`` over the rows of ``x`` ``(N, d)``: ``(d,)``, squares in ``x``'s dtype, summed in fp64."""
+    return (x * x).sum(0, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
 class SecondMoment:
-    kind: str  # "full" keeps the (d_in, d_in) sum; "diag" only its diagonal
-    sum_xx: torch.Tensor  # full: (d_in, d_in) sum of x x^T; diag: (d_in,) sum of x**2. fp64
-    sum_x: torch.Tensor  # (d_in,) sum of x. fp64
-    sum_abs: torch.Tensor  # (d_in,) sum of |x|. fp64
-    count: int = 0  # real rows summed
+    """Sums behind ``E[x x^T]``, ``E[x]`` and ``E[|x|]`` for one input; fp64 throughout.
+
+    Attributes:
+        kind: ``"full"`` keeps the ``(d_in, d_in)`` sum; ``"diag"`` only its diagonal.
+        sum_xx: full: ``(d_in, d_in)`` sum of ``x x^T``; diag: ``(d_in,)`` sum of ``x**2``. fp64.
+        sum_x: ``(d_in,)`` sum of ``x``. fp64.
+        sum_abs: ``(d_in,)`` sum of ``|x|``. fp64.
+        count: real rows summed.
+        model: :func:`covsvd.model_identity` of the model it was captured from (``None`` if unknown).
+        accumulate: precision of the per-batch Gram products (``"float64"`` or ``"float32"``, see the module doc).
+    """
+
+    kind: str
+    sum_xx: torch.Tensor
+    sum_x: torch.Tensor
+    sum_abs: torch.Tensor
+    count: int = 0
+    model: dict | None = None
+    accumulate: str = "float64"
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"SecondMoment kind={self.kind!r}; expected one of {KINDS}")
+        _check_choice("SecondMoment kind", self.kind, KINDS)
+        _check_choice("SecondMoment accumulate", self.accumulate, ACCUMULATE)
         d = self.sum_x.shape[0]
         want = (d, d) if self.kind == "full" else (d,)
         if tuple(self.sum_xx.shape) != want:
-            raise ValueError(f"SecondMoment(kind={self.kind!r}) sum_xx has shape {tuple(self.sum_xx.shape)}; expected {want}")
+            raise ValueError(
+                f"SecondMoment(kind={self.kind!r}) sum_xx has shape {tuple(self.sum_xx.shape)}; expected {want}"
+            )
+        for name in ("sum_xx", "sum_x", "sum_abs"):
+            if getattr(self, name).dtype != torch.float64:
+                raise ValueError(f"SecondMoment.{name} is {getattr(self, name).dtype}; the sums are fp64")
+        self.count = int(self.count)
 
     @classmethod
     def zeros(cls, d_in: int, kind: str = "full", device: torch.device | str | None = None) -> SecondMoment:
+        _check_choice("kind", kind, KINDS)
         shape = (d_in, d_in) if kind == "full" else (d_in,)
         z = dict(dtype=torch.float64, device=device)
         return cls(kind, torch.zeros(shape, **z), torch.zeros(d_in, **z), torch.zeros(d_in, **z), 0)
+
+    @classmethod
+    def from_rows(cls, x: torch.Tensor, kind: str = "full", accumulate: str = "float64") -> SecondMoment:
+        """The moment of the rows of ``x`` ``(N, d_in)`` (every row counts), computed as in capture."""
+        acc = MomentAccumulator(x.shape[-1], kind=kind, accumulate=accumulate, device=x.device)
+        acc.add(x)
+        return acc.moment()
 
     @property
     def d_in(self) -> int:
@@ -46,14 +168,18 @@ class SecondMoment:
 
     def _need_rows(self) -> None:
         if self.count <= 0:
-            raise ValueError(f"SecondMoment (d_in={self.d_in}) has seen no real tokens; capture on non-empty data first")
+            raise ValueError(
+                f"SecondMoment (d_in={self.d_in}) has seen no real tokens; capture on non-empty data first"
+            )
 
     def matrix(self) -> torch.Tensor:
         """``E[x x^T]``, ``(d_in, d_in)`` fp64 (kind ``"full"`` only)."""
         self._need_rows()
         if self.kind != "full":
-            raise ValueError("this SecondMoment was captured with kind='diag': only .diag() is available; "
-                             "capture with kind='full' for the full matrix")
+            raise ValueError(
+                "this SecondMoment was captured with kind='diag': only .diag() is available; "
+                "capture with kind='full' for the full matrix"
+            )
         return self.sum_xx / self.count
 
     def diag(self) -> torch.Tensor:
@@ -79,6 +205,48 @@ class SecondMoment:
             return self.matrix() - torch.outer(mu, mu)
         return self.diag() - mu * mu
 
+    def require_tokens(self, r: int, name: str = "this layer") -> None:
+        """Raise ``ValueError`` unless at least ``r`` real rows were seen (a rank-``r`` request needs them)."""
+        if self.count < r:
+            raise ValueError(
+                f"layer {name} saw {self.count} real tokens, fewer than r={r}: add calibration text "
+                f"(more texts, split='all', or a longer max_tokens) or lower r"
+            )
+
+    def to_diag(self) -> SecondMoment:
+        """The ``"diag"`` kind of this moment (same counts; a full moment's diagonal)."""
+        if self.kind == "diag":
+            return self
+        return SecondMoment(
+            "diag",
+            self.sum_xx.diagonal().clone(),
+            self.sum_x.clone(),
+            self.sum_abs.clone(),
+            self.count,
+            self.model,
+            self.accumulate,
+        )
+
+    def to(self, device: torch.device | str) -> SecondMoment:
+        """A copy of the sums on ``device`` (fp64 kept)."""
+        return SecondMoment(
+            self.kind,
+            self.sum_xx.to(device),
+            self.sum_x.to(device),
+            self.sum_abs.to(device),
+            self.count,
+            self.model,
+            self.accumulate,
+        )
+
+    def _combined_meta(self, other: SecondMoment) -> tuple[dict | None, str]:
+        if self.model is not None and other.model is not None and self.model != other.model:
+            raise ValueError(
+                f"cannot add moments of different models: {self.model} and {other.model}"
+            )
+        accumulate = "float64" if self.accumulate == other.accumulate == "float64" else "float32"
+        return (self.model if self.model is not None else other.model), accumulate
+
     def __add__(self, other: SecondMoment) -> SecondMoment:
         if not isinstance(other, SecondMoment):
             return NotImplemented
@@ -87,13 +255,128 @@ class SecondMoment:
                 f"cannot add SecondMoment(kind={self.kind}, d_in={self.d_in}) and "
                 f"SecondMoment(kind={other.kind}, d_in={other.d_in})"
             )
+        model, accumulate = self._combined_meta(other)
         return SecondMoment(
             self.kind,
             self.sum_xx + other.sum_xx,
             self.sum_x + other.sum_x,
             self.sum_abs + other.sum_abs,
             self.count + other.count,
+            model,
+            accumulate,
         )
+
+    def update(self, x: torch.Tensor) -> SecondMoment:
+        """Add the rows of ``x`` ``(N, d_in)`` in place (every row counts), in ``self.accumulate``; returns self."""
+        new = SecondMoment.from_rows(x.to(self.sum_x.device), kind=self.kind, accumulate=self.accumulate)
+        self.sum_xx += new.sum_xx
+        self.sum_x += new.sum_x
+        self.sum_abs += new.sum_abs
+        self.count += new.count
+        return self
+
+    def all_reduce(self, group=None) -> SecondMoment:
+        """Sum the sums and counts over the processes of ``group`` (``torch.distributed``), in place; returns self.
+
+        Two collectives: ``sum_xx``, then ``[sum_x, sum_abs, count]`` packed in one fp64 vector (counts are
+        exact in fp64 below 2**53). Every process must hold a moment of the same kind and ``d_in``;
+        :func:`covsvd.distributed.all_reduce_moments` checks that for a whole ``{name: SecondMoment}`` dict.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "SecondMoment.all_reduce needs torch.distributed to be initialised "
+                "(torch.distributed.init_process_group(...)) in every process"
+            )
+        dist.all_reduce(self.sum_xx, group=group)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum_x.device)
+        packed = torch.cat([self.sum_x, self.sum_abs, count])  # (2 d_in + 1,)
+        dist.all_reduce(packed, group=group)
+        d = self.d_in
+        self.sum_x.copy_(packed[:d])
+        self.sum_abs.copy_(packed[d : 2 * d])
+        self.count = int(packed[-1].item())
+        return self
 
     def __repr__(self) -> str:
         return f"SecondMoment(kind={self.kind!r}, d_in={self.d_in}, count={self.count})"
+
+
+def require_tokens(moments: Mapping[str, SecondMoment] | SecondMoment, r: int, names: Iterable[str] | None = None) -> None:
+    """Raise ``ValueError`` naming the first layer that saw fewer than ``r`` real tokens.
+
+    ``moments``: a ``{name: SecondMoment}`` dict (from :func:`covsvd.capture_moments` or
+    :func:`covsvd.load_moments`) or one ``SecondMoment``; ``names`` restricts the check to some layers.
+    The message says how many tokens the layer saw and asks for more calibration text.
+    """
+    if isinstance(moments, SecondMoment):
+        moments.require_tokens(r)
+        return
+    for name in names if names is not None else moments:
+        if name not in moments:
+            raise KeyError(f"no captured moment for layer {name!r}; captured: {list(moments)[:5]}...")
+        moments[name].require_tokens(r, name=name)
+
+
+class MomentAccumulator:
+    """Streaming sums for one input: O(d_in^2) memory (full) or O(d_in) (diag), whatever the rows seen.
+
+    ``add(x)`` takes ``(N, d_in)`` rows (any float dtype, any device); ``moment()`` returns the
+    :class:`SecondMoment` (mirroring the upper block triangle once). Precision: see the module doc.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        kind: str = "full",
+        accumulate: str = "float64",
+        device: torch.device | str | None = None,
+        block: int | None = None,
+    ) -> None:
+        _check_choice("kind", kind, KINDS)
+        _check_choice("accumulate", accumulate, ACCUMULATE)
+        self.kind, self.accumulate, self.d_in = kind, accumulate, d_in
+        self.block = block or gram_block(d_in)  # the Gram product's block width (see gram_block)
+        self.sums: SecondMoment | None = SecondMoment.zeros(d_in, kind, device=device)
+        self.sums.accumulate = accumulate
+        self.dtype = torch.float64 if accumulate == "float64" else torch.float32
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the rows of ``x`` ``(N, d_in)``; every row counts."""
+        if x.dim() != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"expected rows of shape (N, {self.d_in}); got {tuple(x.shape)}")
+        s = self._open()
+        x = x.to(self.dtype)  # (N, d_in) in the GEMM precision
+        sx, sa = row_sums(x)
+        if self.kind == "full":
+            add_gram_upper_(s.sum_xx, x, self.block)
+        else:
+            s.sum_xx += square_sums(x)
+        s.sum_x += sx
+        s.sum_abs += sa
+        s.count += x.shape[0]
+
+    def finite(self) -> torch.Tensor:
+        """0-d bool tensor: no NaN/inf has entered the sums (checked on ``sum_x`` and the diagonal; no sync)."""
+        s = self._open()
+        diag = s.sum_xx.diagonal() if self.kind == "full" else s.sum_xx
+        return torch.isfinite(s.sum_x).all() & torch.isfinite(diag).all()
+
+    def moment(self, model: dict | None = None) -> SecondMoment:
+        """The accumulated :class:`SecondMoment`; finishes the accumulator.
+
+        The sums are handed over without a copy (the lower blocks mirrored in place, once); a later
+        ``add`` raises.
+        """
+        s = self._open()
+        self.sums = None
+        if self.kind == "full":
+            mirror_lower_(s.sum_xx, self.block)
+        s.model = model
+        return s
+
+    def _open(self) -> SecondMoment:
+        if self.sums is None:
+            raise RuntimeError("this accumulator has already returned its moment; start a new one")
+        return self.sums

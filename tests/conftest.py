@@ -1,0 +1,125 @@
+"""Shared fixtures: the embedded default model, tiny random transformers models, padded batches, and an
+independent brute-force reference for captured second moments.
+
+Session-scoped models are shared by every test in a worker: treat them as read-only (a test that
+changes a model must copy it, e.g. ``copy.deepcopy``), and restore any mode you change.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_VOCAB = 97
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """``(model, tokenizer)``: the embedded all-MiniLM-L6-v2 (fp32, eval mode). Read-only."""
+    import covsvd
+
+    return covsvd.load_default_model()
+
+
+def tiny_bert(seed: int = 0):
+    """A randomly initialised 2-layer BERT (d=32, FFN 64, pooler): q/k/v share an input, the pooler reads (B, d)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertModel(config).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A randomly initialised 2-layer GPT-2 (d=32): every target is a transformers ``Conv1D``."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=TINY_VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    return GPT2Model(config).eval()
+
+
+@pytest.fixture(scope="session")
+def bert_tiny():
+    """Session-scoped :func:`tiny_bert` (seed 0). Read-only."""
+    return tiny_bert()
+
+
+@pytest.fixture(scope="session")
+def gpt2_tiny():
+    """Session-scoped :func:`tiny_gpt2` (seed 0). Read-only."""
+    return tiny_gpt2()
+
+
+def padded_batches(
+    lengths: list[list[int]], side: str = "right", vocab: int = TINY_VOCAB, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Random-token batches: ``lengths[b][i]`` real tokens in row i of batch b, padded to the batch's longest
+    on ``side`` (mask 0 on padding; pad id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for batch in lengths:
+        width = max(batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)  # (B, T)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)  # (B, T)
+        for i, n in enumerate(batch):
+            sl = slice(0, n) if side == "right" else slice(width - n, width)
+            ids[i, sl] = torch.randint(1, vocab, (n,), generator=g)
+            mask[i, sl] = 1
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_batches():
+    """The :func:`padded_batches` function, for tests that cannot import conftest."""
+    return padded_batches
+
+
+def brute_force(model, batches, names) -> dict[str, torch.Tensor]:
+    """``{name: (N, d_in) fp64}``: every real input row of each named module, stored whole.
+
+    Independent of covsvd's capture: plain forward pre-hooks; a (B, T, d) input keeps ``x[mask.bool()]``,
+    a (B, d) input keeps every row. ``X.T @ X / len(X)`` is then the reference second moment.
+    """
+    modules = dict(model.named_modules())
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    mask = None
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0]
+            if x.dim() == 3 and mask is not None:
+                x = x[mask.bool()]
+            rows[name].append(x.reshape(-1, x.shape[-1]).double())
+
+        return fn
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for b in batches:
+                mask = b.get("attention_mask")
+                model(**b)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(r) for n, r in rows.items()}
+
+
+@pytest.fixture(scope="session")
+def brute_force_rows():
+    """The :func:`brute_force` function (every real input row of each module, fp64)."""
+    return brute_force

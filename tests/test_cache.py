@@ -1,0 +1,47 @@
+"""cached_capture: a hit returns exactly what a fresh capture returns; anything that changes the moments changes the key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import covsvd
+from covsvd.cache import cache_key
+
+
+def test_hit_equals_fresh_capture(bert_tiny, make_batches, tmp_path):
+    batches = make_batches([[5, 3], [7, 2]])
+    first = covsvd.cached_capture(bert_tiny, batches, cache_dir=tmp_path, progress=False)
+    path = covsvd.cached_capture.last_path
+    assert path.is_file() and path.parent == tmp_path
+    again = covsvd.cached_capture(bert_tiny, batches, cache_dir=tmp_path, progress=False)
+    assert covsvd.cached_capture.last_path == path
+    fresh = covsvd.capture_moments(bert_tiny, batches, progress=False)
+    assert set(again) == set(fresh)
+    for name in fresh:
+        assert again[name].count == fresh[name].count == first[name].count
+        assert torch.equal(again[name].sum_xx, fresh[name].sum_xx)
+    q, k = "encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key"
+    assert again[q] is again[k]  # sharing survives the round trip
+
+
+def test_key_changes_with_data_weights_kind_and_targets(bert_tiny, make_batches):
+    batches = make_batches([[5, 3]])
+    base = cache_key(bert_tiny, batches, "full", None, "float64")
+    assert base == cache_key(bert_tiny, make_batches([[5, 3]]), "full", None, "float64")
+    assert base != cache_key(bert_tiny, make_batches([[5, 3]], side="left"), "full", None, "float64")
+    assert base != cache_key(bert_tiny, make_batches([[5, 3]], seed=1), "full", None, "float64")
+    assert base != cache_key(bert_tiny, batches, "diag", None, "float64")
+    assert base != cache_key(bert_tiny, batches, "full", r".*dense", "float64")
+    assert base != cache_key(bert_tiny, batches, "full", None, "float32")
+    other = copy.deepcopy(bert_tiny)
+    with torch.no_grad():
+        other.encoder.layer[0].output.dense.weight[0, 0] += 1.0
+    assert base != cache_key(other, batches, "full", None, "float64")
+
+
+def test_predicate_targets_cannot_be_keyed(bert_tiny, make_batches, tmp_path):
+    with pytest.raises(ValueError, match="predicate"):
+        covsvd.cached_capture(bert_tiny, make_batches([[4]]), targets=lambda n, m: True, cache_dir=tmp_path)
