@@ -91,17 +91,29 @@ def passages(
     return [p for p in out if split == "all" or p.split == split]
 
 
+def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a single sequence (BERT: [CLS] / [SEP])."""
+    body = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(body) + 1):
+        if full[i : i + len(body)] == body:
+            return full[:i], full[i + len(body) :]
+    raise ValueError(f"cannot locate the text inside the special tokens of {type(tokenizer).__name__}")
+
+
 def _windows(tokenizer, text: str, seq_len: int) -> Iterator[list[int]]:
-    """Token ids of ``text`` in windows of at most ``seq_len`` (special tokens included): no token is lost."""
-    body = seq_len - tokenizer.num_special_tokens_to_add(pair=False)
+    """Token ids of ``text`` in windows of at most ``seq_len`` (special tokens included).
+
+    The text is tokenised once and its ids are cut, so no token is lost or re-split at a window edge;
+    each window gets the tokenizer's own special tokens around it.
+    """
+    head, tail = _special_frame(tokenizer)
+    body = seq_len - len(head) - len(tail)
     if body < 1:
         raise ValueError(f"seq_len={seq_len} leaves no room beside the tokenizer's special tokens")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    offsets = enc["offset_mapping"]
-    for start in range(0, len(offsets), body):
-        span = offsets[start : start + body]
-        piece = text[span[0][0] : span[-1][1]]
-        yield tokenizer(piece, truncation=True, max_length=seq_len)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    for start in range(0, len(ids), body):
+        yield head + ids[start : start + body] + tail
 
 
 def _pad(rows: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
@@ -123,6 +135,7 @@ def calibration_batches(
     batch_size: int = 16,
     max_tokens: int | None = None,
     padding_side: str | None = None,
+    sort_by_length: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
     """Tokenised calibration batches: ``[{"input_ids": (B, T), "attention_mask": (B, T)}, ...]``.
 
@@ -134,6 +147,9 @@ def calibration_batches(
     Args:
         max_tokens: stop once this many real tokens (mask == 1) are collected (the last batch is cut
             to the window that reaches it); ``None`` keeps everything.
+        sort_by_length: batch windows of similar length together (stable sort, longest first), so
+            batches carry almost no padding and a forward pass costs less. The tokens are the same, so
+            the captured moments are the same (a sum does not depend on order) up to fp64 rounding.
 
     Returns a list, so the same batches can be passed over several times.
     """
@@ -157,6 +173,8 @@ def calibration_batches(
             break
     if not rows:
         raise ValueError(f"no calibration text in split={split!r}")
+    if sort_by_length:
+        rows.sort(key=len, reverse=True)
     return [_pad(rows[i : i + batch_size], pad_id, side) for i in range(0, len(rows), batch_size)]
 
 
