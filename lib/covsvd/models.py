@@ -54,8 +54,16 @@ def load_model(
             f"no transformers checkpoint at {path} (expected {path / 'config.json'}); "
             "pass a local directory, or use covsvd.load_default_model() for the embedded one"
         )
+    from transformers.utils import logging as hf_logging
+
     model_class = model_class or AutoModel
-    model = model_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load clutters notebooks and logs
+    try:
+        model = model_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model.eval()
     return model, tokenizer
