@@ -10,6 +10,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
+# MKL/OpenMP busy-waiting makes small fp64 decompositions 10-50x slower when the cores are shared.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: venv test figures figures-quick lab bench ablations ablations-quick lint clean-venv
 

@@ -125,8 +125,9 @@ class BoundedGainLinear(nn.Module):
         return self.U.shape[0]
 
     def s_eff(self) -> torch.Tensor:
-        """``S * (1 + ELU(coeff * g))``, ``(r,)`` fp32 (exactly ``S`` at ``g = 0``)."""
-        return self.S.float() * (1.0 + F.elu(self.coeff * self.g))
+        """``S * (1 + ELU(coeff * g))``, ``(r,)`` in fp32 or S's dtype if wider (exactly ``S`` at ``g = 0``)."""
+        S = self.S.to(torch.promote_types(self.S.dtype, torch.float32))
+        return S * (1.0 + F.elu(self.coeff * self.g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in)
         dt = x.dtype
