@@ -168,6 +168,8 @@ def memory_run(mode: str, tokens: int, env: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=None, help="real tokens (default: every window of split='all')")
+    p.add_argument("--padded", action="store_true",
+                   help="batch windows in corpus order (about 50%% padding) instead of length-sorted (< 1%%)")
     p.add_argument("--agree-batches", type=int, default=4, help="batches for the unscaled-peft agreement check")
     p.add_argument("--memory", type=int, nargs=2, default=[10_000, 100_000], metavar=("SMALL", "LARGE"))
     p.add_argument("--out", type=Path, default=HERE / "results" / "capture.md")
@@ -179,7 +181,7 @@ def main() -> None:
 
     load_start = os.getloadavg()
     model, tok = covsvd.load_default_model()
-    batches = covsvd.calibration_batches(tok, split="all", max_tokens=args.tokens)
+    batches = covsvd.calibration_batches(tok, split="all", max_tokens=args.tokens, sort_by_length=not args.padded)
     n_tokens = covsvd.count_tokens(batches)
     n_slots = sum(b["input_ids"].numel() for b in batches)  # tokens the batched forward computes, padding included
     n_linear = len(covsvd.find_targets(model))
@@ -314,14 +316,15 @@ def main() -> None:
     lines = [
         "# capture benchmark",
         "",
-        f"Default model (all-MiniLM-L6-v2), {n_tokens:,} real tokens of `calibration_batches(tok, split=\"all\")` "
+        f"Default model (all-MiniLM-L6-v2), {n_tokens:,} real tokens of `calibration_batches(tok, split=\"all\", "
+        f"sort_by_length={not args.padded})` "
         f"({len(batches)} batches of up to 16 x 128; {100 * (1 - n_tokens / n_slots):.0f}% of the batched "
         f"forward's positions are padding), all {n_linear} Linear layers, kind `full`; "
         f"{len(plan)} distinct accumulators (q/k/v share one). "
         f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end "
-        f"(other work was running on the same {os.cpu_count()} cores; every method was timed on each batch in "
-        f"turn, so the ratios share the load). `python bench/capture.py` reproduces it.",
+        f"on {os.cpu_count()} cores (every method was timed on each batch in turn, so the ratios share any "
+        f"load). `{' '.join(['python', 'bench/capture.py'] + sys.argv[1:])}` reproduces it.",
         "",
         "| measure | float64 (default) | float32 GEMMs | target |",
         "|---|---:|---:|---|",

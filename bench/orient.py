@@ -15,8 +15,8 @@ Synthetic tokens (A-C): x = (z * sqrt(spec)) @ Q^T + mu, then 8 outlier channels
 z ~ N(0, I), spec_i = i^-1.2 (normalised so mean(diag C) = 1 before the outliers), Q a random orthogonal
 matrix, mu ~ 0.1 N(0, 1) per channel (uncentered, like real activations). C is accumulated with
 covsvd's MomentAccumulator (fp32 GEMMs into fp64 sums). W = U diag(s) V^T with random orthonormal U, V and
-s_i = i^-0.3. Timings are medians of interleaved repeats; other work shares this 2-core machine, so read
-the ratios, not the absolute seconds.
+s_i = i^-0.3. Timings are medians of interleaved repeats; if other work shares the machine, read
+the ratios (measured side by side), not the absolute seconds.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def probe() -> str:
     a @ b
     sec = min(timed(lambda: a @ b)[0] for _ in range(3))
     return (f"machine probe: load average {os.getloadavg()[0]:.1f}, fp32 GEMM 1024x3584x3584 at "
-            f"{2 * 1024 * 3584 * 3584 / sec / 1e9:.0f} GFLOP/s (this machine unloaded: ~95)")
+            f"{2 * 1024 * 3584 * 3584 / sec / 1e9:.0f} GFLOP/s (read ratios, not seconds, when it is low)")
 
 
 def section_a(m, d_out, r, reps, eps, lines):
@@ -347,7 +347,7 @@ def main(argv=None):
         "# orient benchmark (bench/orient.py)",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}. Load average at start {load0[0]:.1f} (other work shared the machine).",
+        f"Python {platform.python_version()}. Load average at start {load0[0]:.1f}.",
         "",
     ]
     t_all = time.perf_counter()

@@ -1,7 +1,8 @@
 """The ablation harness: the row file (atomic, never duplicated), resuming after an interruption,
-determinism of a row per seed, the summary's t-interval, and the CLI verb.
+determinism of a row per seed, the summary's t-interval and verdicts, runs that learn nothing, and the
+CLI verb's options (``python -m covsvd ablate`` end to end is in tests/test_cli.py).
 
-The sweep tests run the real default model in quick mode (a few seconds each).
+The sweep tests run the real default model in quick mode on one thread (a few seconds each).
 """
 
 from __future__ import annotations
@@ -82,14 +83,68 @@ def test_config_hash_covers_the_task_and_the_model():
     assert h != replace(c, task=replace(c.task, holdout="validation")).config_hash("fp")
 
 
+@pytest.fixture(scope="module")
+def tiny_bert():
+    """A random 2-layer BERT (d=32) over the real tokenizer's vocabulary, with the targets' names."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    import covsvd
+
+    tok = AutoTokenizer.from_pretrained(covsvd.default_model_path(), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    return BertModel(cfg).eval(), tok
+
+
+def test_model_key_follows_the_weights_not_only_the_shapes(tiny_bert):
+    import copy
+
+    import torch
+
+    model, _ = tiny_bert
+    key = ab.model_key(model)
+    assert ab.model_key(copy.deepcopy(model)) == key
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.encoder.layer[0].output.dense.weight[0, 0] += 1e-3  # a fine-tuned checkpoint of the same shape
+    assert ab.model_key(other) != key
+    assert ab.model_key(other).split("-")[0] == key.split("-")[0]  # the structural fingerprint agrees
+
+
+def test_moments_cache_is_keyed_by_the_calibration_tokens(tiny_bert, tmp_path, monkeypatch):
+    import torch
+
+    import covsvd
+
+    model, tok = tiny_bert
+    cfg = replace(ab.QUICK_CONFIG, calib_tokens=1200, calib_seq_len=32)
+    m1, i1 = ab.moments_for(model, tok, cfg, tmp_path, progress=False)
+    m2, i2 = ab.moments_for(model, tok, cfg, tmp_path, progress=False)
+    assert (i1["cached"], i2["cached"]) == (False, True) and i1["path"] == i2["path"]
+    assert all(torch.equal(m1[k].matrix(), m2[k].matrix()) for k in m1)
+    real = covsvd.calibration_batches
+    monkeypatch.setattr(covsvd, "calibration_batches", lambda *a, **k: real(*a, **k)[:-1])  # other tokens
+    m3, i3 = ab.moments_for(model, tok, cfg, tmp_path, progress=False)
+    assert not i3["cached"] and i3["path"] != i1["path"] and i3["tokens"] < i1["tokens"]
+
+
 # ------------------------------------------------------------------------------------------ summary
 
 
 def test_t_quantile_matches_closed_forms_and_the_normal_limit():
     for p in (0.9, 0.975, 0.995):
-        assert ab.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-6)
-        assert ab.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-6)
-    assert ab.t_quantile(0.975, 100000) == pytest.approx(1.959964, rel=1e-4)
+        assert ab.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
+        assert ab.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
+    z = 1.959963984540054  # the normal quantile; t adds (z^3 + z) / (4 dof) + O(dof^-2) (Cornish-Fisher)
+    assert ab.t_quantile(0.975, 100000) == pytest.approx(z + (z**3 + z) / 4e5, rel=1e-9)
+    for x in (-2.5, 0.3, 1.7, 4.0):  # dof 3 and 4 written out, against the series of t_cdf
+        u = x / math.sqrt(3)
+        assert ab.t_cdf(x, 3) == pytest.approx(0.5 + (u / (1 + u * u) + math.atan(u)) / math.pi, rel=1e-12)
+        assert ab.t_cdf(x, 4) == pytest.approx(0.5 + 0.5 * x * (6 + x * x) / (4 + x * x) ** 1.5, rel=1e-12)
+        for dof in (5, 6, 30):
+            assert ab.t_cdf(-x, dof) == pytest.approx(1 - ab.t_cdf(x, dof), rel=1e-12, abs=1e-15)
     stats = pytest.importorskip("scipy.stats")
     for dof in (3, 4, 9):
         assert ab.t_quantile(0.975, dof) == pytest.approx(stats.t.ppf(0.975, dof), rel=1e-6)
@@ -101,8 +156,9 @@ def _results(scores: dict[str, list[float]], chash="h0") -> pl.DataFrame:
         for seed, x in enumerate(xs):
             rows.append(dict(arm=arm, axis=ab.ARMS[arm].axis, metric=ab.ARMS[arm].metric or "none",
                              rotate=ab.ARMS[arm].rotate or "none", seed=seed, score_after=x, score_before=0.4,
-                             mrr_after=x, mrr_before=0.5, n_eval=200, trainable_params=384, init_s=1.0,
-                             train_s=2.0, gain_norm=0.1, config_hash=chash))
+                             mrr_after=x, mrr_before=0.5, n_eval=200, n_fixed=3, n_broken=1,
+                             trainable_params=384, init_s=1.0, train_s=2.0,
+                             gain_norm=0.0 if arm == "baseline" else 0.1, config_hash=chash))
     return pl.DataFrame(rows)
 
 
@@ -119,6 +175,42 @@ def test_summarize_is_a_student_t_interval_over_seeds():
     assert b["ci_low"] == pytest.approx(b["ci_high"])  # a deterministic arm has no seed spread
     one = s.filter(pl.col("arm") == "identity").row(0, named=True)
     assert one["n_seeds"] == 1 and math.isnan(one["ci_low"])  # one seed: no interval, never a fake one
+    assert (d["n_improved"], d["n_fixed"], d["n_broken"]) == (3, 9, 3)
+    assert b["verdict"] == "untrained reference" and d["verdict"] == "above untrained within seed noise"
+    assert one["verdict"] == "above untrained within seed noise"  # no interval: never called significant
+
+
+def test_summarize_verdicts_name_arms_that_did_not_learn():
+    s = ab.summarize(_results({"baseline": [0.4] * 3, "full": [0.39, 0.4, 0.41], "diag": [0.38, 0.45, 0.5],
+                               "identity": [0.5, 0.52, 0.51]}))
+    v = dict(s.select("arm", "verdict").rows())
+    assert v["full"] == "no gain"  # mean == the untrained score
+    assert v["diag"] == "above untrained within seed noise"  # mean above, interval reaches below
+    assert v["identity"] == "above untrained (seed CI excludes it)"
+    frozen = _results({"corda": [0.45, 0.45, 0.45]}).with_columns(
+        gain_norm=pl.Series([0.1, 0.0, 0.1]))  # one seed whose gains never moved
+    assert ab.summarize(frozen)["verdict"][0] == "learned nothing (gains did not move)"
+
+
+def test_run_outcome_names_every_case():
+    assert ab.run_outcome(False, 0.4, 0.4, 0.0, 0.0) == "untrained"
+    assert ab.run_outcome(True, 0.4, 0.5, 0.0, 0.0) == "did not move"  # nothing moved: no credit for the score
+    assert ab.run_outcome(True, 0.4, 0.4, 0.0, 0.2) == "no change"  # a rotation moved
+    assert ab.run_outcome(True, 0.4, 0.5, 0.1, 0.0) == "improved"
+    assert ab.run_outcome(True, 0.4, 0.3, 0.1, 0.0) == "worse"
+    assert set(ab.OUTCOMES) >= set(ab.LEARNED_NOTHING)
+
+
+def test_paired_differences_pair_by_seed():
+    df = _results({"diag": [0.5, 0.6, 0.7, 0.9], "full": [0.45, 0.55, 0.64]})  # full lacks seed 3
+    d = ab.paired_differences(df, "diag", "full")
+    assert d["seeds"] == [0, 1, 2] and d["diffs"] == pytest.approx([0.05, 0.05, 0.06])
+    t = ab.t_interval([0.05, 0.05, 0.06])
+    assert (d["mean"], d["ci_low"], d["ci_high"]) == (pytest.approx(t["mean"]), pytest.approx(t["ci_low"]),
+                                                      pytest.approx(t["ci_high"]))
+    assert d["n_positive"] == 3 and d["ci_low"] > 0  # consistent sign, tight: the ordering is supported
+    with pytest.raises(ValueError, match="share no seed"):
+        ab.paired_differences(df, "diag", "rot-U")
 
 
 def test_summarize_refuses_to_mix_configs():
@@ -166,7 +258,7 @@ def reference(tmp_path_factory, cache):
     """One uninterrupted quick sweep (captures the moments into ``cache``)."""
     out = tmp_path_factory.mktemp("ref") / "rows.csv"
     df = ab.ablate(arms=ARMS, seeds=SEEDS, out=out, config=ab.QUICK_CONFIG, cache_dir=cache, progress=False,
-                   log=None)
+                   log=None, threads=1)
     return out, df
 
 
@@ -189,6 +281,13 @@ def test_quick_sweep_rows_are_sane(reference):
     assert (trained.filter(pl.col("arm") == "rot-V")["rot_norm"] > 0).all()
     assert (trained["init_output_error"] < 1e-4).all()  # adapters are the original model at init
     assert (trained["init_s"] > 0).all() and (trained["train_s"] > 0).all()
+    assert (df["threads"] == 1).all()
+    # the per-query counts explain the accuracy change exactly (paired against the untrained model)
+    n = df["n_eval"]
+    assert ((df["score_after"] - df["score_before"]) * n - (df["n_fixed"] - df["n_broken"])).abs().max() < 1e-9
+    assert (base["outcome"] == "untrained").all()
+    for r in trained.iter_rows(named=True):
+        assert r["outcome"] == ab.run_outcome(True, r["score_before"], r["score_after"], r["gain_norm"], r["rot_norm"])
     # the seed changes the training batches, hence the gains
     full = trained.filter(pl.col("arm") == "full").sort("seed")
     assert full["gain_norm"][0] != full["gain_norm"][1]
@@ -205,14 +304,14 @@ def test_an_interrupted_sweep_resumes_without_losing_or_duplicating_rows(referen
 
     with pytest.raises(Interrupt):
         ab.ablate(arms=ARMS, seeds=SEEDS, out=out, config=ab.QUICK_CONFIG, cache_dir=cache, progress=False,
-                  hook=hook, log=None)
+                  hook=hook, log=None, threads=1)
     first = ab.read_rows(out)
     assert [(r["arm"], r["seed"]) for r in first] == [
         ("baseline", "0"), ("baseline", "1"), ("full", "0"), ("full", "1"), ("rot-V", "0")]
 
     seen = []
     df = ab.ablate(arms=ARMS, seeds=SEEDS, out=out, config=ab.QUICK_CONFIG, cache_dir=cache, progress=False,
-                   hook=lambda arm, seed, step: seen.append((arm, seed)), log=None)
+                   hook=lambda arm, seed, step: seen.append((arm, seed)), log=None, threads=1)
     assert set(seen) == {("rot-V", 1)}  # only the unfinished run ran again
     rows = ab.read_rows(out)
     assert rows[: len(first)] == first  # finished rows untouched
@@ -221,5 +320,17 @@ def test_an_interrupted_sweep_resumes_without_losing_or_duplicating_rows(referen
     assert _stable(rows) == _stable(ab.read_rows(ref_out))
 
     again = ab.ablate(arms=ARMS, seeds=SEEDS, out=out, config=ab.QUICK_CONFIG, cache_dir=cache, progress=False,
-                      hook=lambda *a: pytest.fail("a finished sweep ran again"), log=None)
+                      hook=lambda *a: pytest.fail("a finished sweep ran again"), log=None, threads=1)
     assert again.height == df.height and ab.read_rows(out) == rows
+
+
+@pytest.mark.slow
+def test_a_run_that_learns_nothing_is_reported_as_such():
+    lines = []
+    df = ab.ablate(arms=["identity"], seeds=[0], out=None, config=replace(ab.QUICK_CONFIG, lr=0.0), cache_dir=None,
+                   progress=False, log=lines.append, threads=1)
+    r = df.row(0, named=True)
+    assert r["gain_norm"] == 0.0 and r["outcome"] == "did not move"
+    assert any(line.strip().startswith("LEARNED NOTHING: identity seed 0") for line in lines), lines
+    assert ab.summarize(df)["verdict"][0] == "learned nothing (gains did not move)"
+    assert any("per arm" in line and "identity" in line for line in lines)  # the closing timing lines

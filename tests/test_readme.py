@@ -57,3 +57,10 @@ def test_every_figure_has_png_svg_and_data():
     for name in sorted(csvs):
         df = pl.read_csv(FIGURES / "data" / f"{name}.csv")
         assert df.height > 0 and df.width > 0, f"figures/data/{name}.csv is empty"
+
+
+def test_the_gallery_shows_every_figure():
+    """Every figure ``make figures`` writes appears in the README (a figure nobody can find is not shown)."""
+    shown = {Path(unquote(urlparse(ref).path)).stem for ref in image_refs((ROOT / "README.md").read_text("utf-8"))}
+    unshown = sorted(p.stem for p in FIGURES.glob("*.png") if p.stem not in shown)
+    assert not unshown, f"figures/ has figures the README gallery does not show: {unshown}"

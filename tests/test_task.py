@@ -20,6 +20,7 @@ from covsvd.task import (
     TaskConfig,
     contrastive_loss,
     mean_pool,
+    retrieval_ranks,
     retrieval_scores,
     split_passages,
     train_steps,
@@ -179,6 +180,7 @@ def test_retrieval_scores_by_hand():
     s = retrieval_scores(q, labels, protos)
     assert s["accuracy"] == pytest.approx(2 / 4)
     assert s["mrr"] == pytest.approx((1 + 1 + 0.5 + 0.5) / 4)
+    assert retrieval_ranks(q, labels, protos).tolist() == [1, 1, 2, 2]
 
 
 def test_evaluate_does_not_depend_on_batching_and_restores_the_mode(tokenizer, tiny):
@@ -193,6 +195,10 @@ def test_evaluate_does_not_depend_on_batching_and_restores_the_mode(tokenizer, t
         tiny.eval()
     assert a["n_eval"] == b["n_eval"] == SMALL.max_queries
     assert 0.0 <= a["accuracy"] <= a["mrr"] <= 1.0
+    # per-query hits: in query order, their mean is the accuracy, independent of the batching
+    assert a["correct"].shape == (SMALL.max_queries,) and a["correct"].dtype == torch.bool
+    assert a["correct"].double().mean().item() == pytest.approx(a["accuracy"])
+    assert torch.equal(a["correct"], b["correct"])
     assert a["accuracy"] == pytest.approx(b["accuracy"]) and a["mrr"] == pytest.approx(b["mrr"], abs=1e-6)
 
 

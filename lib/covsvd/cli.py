@@ -3,6 +3,7 @@
 Verbs:
     figures   execute the notebooks headless and rewrite figures/ (``make figures``)
     capture   capture activation second moments of a model and save them (safetensors)
+    ablate    the local CPU ablation sweep, resumable (``make ablations``; options in :mod:`covsvd.ablate`)
 
 Adding a verb: write ``add_<verb>(subparsers)`` that creates its parser and sets ``run=<function(args) -> int>``,
 then append it to :data:`VERBS`. Imports of heavy modules (torch, nbclient) go inside the run function so
@@ -98,9 +99,18 @@ def add_capture(sub) -> None:
     p.set_defaults(run=run_capture)
 
 
+# ------------------------------------------------------------------------------------------ ablate
+
+
+def add_ablate(sub) -> None:
+    from .ablate import register_cli  # the verb's parser and run function live beside the sweep
+
+    register_cli(sub)
+
+
 # --------------------------------------------------------------------------------------------- main
 
-VERBS: list[Callable] = [add_figures, add_capture]
+VERBS: list[Callable] = [add_figures, add_capture, add_ablate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -241,7 +241,7 @@ def damp(
         return Damped("diag", e, m=m, clamped=int((C < 0).sum()))
     if C.dim() != 2 or C.shape[0] != C.shape[1]:
         raise ValueError(f"{where}C has shape {tuple(C.shape)}; expected (d, d) or (d,)")
-    C = (C + C.T) / 2  # (d, d): exact symmetry (callers check it was symmetric to begin with)
+    C = torch.add(C, C.T).mul_(0.5)  # (d, d) (C + C^T) / 2: exact symmetry (callers check it was symmetric)
     e = resolve_eps(eps, eps_mode, float(C.diagonal().mean()))
     if solver == "eigh":
         lam, Q = torch.linalg.eigh(C)  # (d,), (d, d) ascending
@@ -251,8 +251,9 @@ def damp(
             raise ValueError(f"{where}C is singular (smallest eigenvalue {float(lam[0]):.3g}) and eps={e:g}: "
                              "M = C + eps I is singular; use eps > 0")
         return Damped("eigh", e, m=m, Q=Q, clamped=clamped)
-    eye = torch.eye(C.shape[0], dtype=dtype, device=C.device)
-    L, info = torch.linalg.cholesky_ex(C + e * eye)  # (d, d) lower
+    M = C.clone()
+    M.diagonal().add_(e)  # (d, d) C + eps I
+    L, info = torch.linalg.cholesky_ex(M)  # (d, d) lower
     if int(info) != 0:
         raise ValueError(
             f"{where}C + eps I (d={C.shape[0]}, eps={e:g}, {str(dtype).removeprefix('torch.')}) is not positive "

@@ -98,12 +98,6 @@ def mirror_lower_(out: torch.Tensor, block: int | None = None) -> torch.Tensor:
     return out
 
 
-def row_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum x, sum |x|)`` over the rows of ``x`` ``(N, d)``: each ``(d,)``, elements cast to fp64 and summed in fp64."""
-    f64 = torch.float64  # (abs().sum is several times faster than vector_norm(ord=1, dim=0) on CPU)
-    return x.sum(0, dtype=f64), x.abs().sum(0, dtype=f64)
-
-
 def square_sums(x: torch.Tensor) -> torch.Tensor:
     """``sum x**2`` over the rows of ``x`` ``(N, d)``: ``(d,)``, squares in ``x``'s dtype, summed in fp64."""
     return (x * x).sum(0, dtype=torch.float64)
@@ -347,15 +341,15 @@ class MomentAccumulator:
         if x.dim() != 2 or x.shape[1] != self.d_in:
             raise ValueError(f"expected rows of shape (N, {self.d_in}); got {tuple(x.shape)}")
         s = self._open()
-        x = x.to(self.dtype)  # (N, d_in) in the GEMM precision
-        sx, sa = row_sums(x)
+        xc = x.to(self.dtype)  # (N, d_in) in the GEMM precision
+        s.sum_x += xc.sum(0, dtype=torch.float64)
         if self.kind == "full":
-            add_gram_upper_(s.sum_xx, x, self.block)
+            add_gram_upper_(s.sum_xx, xc, self.block)
         else:
-            s.sum_xx += square_sums(x)
-        s.sum_x += sx
-        s.sum_abs += sa
-        s.count += x.shape[0]
+            s.sum_xx += square_sums(xc)
+        # |x| last: in place when the cast made a copy (no second (N, d_in) buffer), else a new tensor
+        s.sum_abs += (xc.abs_() if xc is not x else xc.abs()).sum(0, dtype=torch.float64)
+        s.count += xc.shape[0]
 
     def finite(self) -> torch.Tensor:
         """0-d bool tensor: no NaN/inf has entered the sums (checked on ``sum_x`` and the diagonal; no sync)."""

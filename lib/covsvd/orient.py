@@ -54,6 +54,9 @@ def _where(name: str | None) -> str:
 
 
 def _check_finite(t: torch.Tensor, what: str, where: str) -> None:
+    # One fp64 sum first (no (d, d) bool temporaries): any NaN/inf makes it NaN/inf. Only then count.
+    if math.isfinite(float(t.detach().sum(dtype=torch.float64))):
+        return
     bad = int((~torch.isfinite(t)).sum())
     if bad:
         raise ValueError(f"{where}{what} {tuple(t.shape)} has {bad} non-finite entries (NaN/inf); "

@@ -133,18 +133,23 @@ def contrastive_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> 
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def retrieval_scores(queries: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor) -> dict[str, float]:
-    """Accuracy and MRR of nearest-prototype retrieval.
+def retrieval_ranks(queries: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Rank (1 = retrieved first) of each query's own prototype, (Q,) int64; cosines in fp64.
 
     Args:
         queries: (Q, d) normalised query embeddings.
         labels: (Q,) index of each query's own prototype.
         prototypes: (K, d) normalised prototypes.
-    Ties are broken against the query: rank = 1 + number of prototypes scoring >= the own one, minus itself.
+    Ties are broken against the query: rank = number of prototypes scoring >= the own one (itself included).
     """
     sims = queries.to(torch.float64) @ prototypes.to(torch.float64).T  # (Q, K)
     own = sims.gather(1, labels.view(-1, 1))  # (Q, 1)
-    rank = (sims >= own).sum(dim=1)  # (Q,) ties count against the query
+    return (sims >= own).sum(dim=1)  # (Q,) ties count against the query
+
+
+def retrieval_scores(queries: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor) -> dict[str, float]:
+    """Accuracy (fraction of rank 1) and MRR (mean of 1 / rank) of :func:`retrieval_ranks`; fp64."""
+    rank = retrieval_ranks(queries, labels, prototypes)  # (Q,)
     return {
         "accuracy": float((rank == 1).to(torch.float64).mean()),
         "mrr": float((1.0 / rank.to(torch.float64)).mean()),
@@ -259,9 +264,10 @@ class RetrievalTask:
         return out
 
     def evaluate(self, model: nn.Module, return_prototypes: bool = False):
-        """``{"accuracy", "mrr", "n_eval"}`` of nearest-prototype retrieval (see the module docstring).
+        """``{"accuracy", "mrr", "n_eval", "correct"}`` of nearest-prototype retrieval (module docstring).
 
-        Runs the model in eval mode without gradients (its mode is restored afterwards). With
+        ``correct`` is a (Q,) bool tensor in :attr:`queries` order (query i retrieved its own document
+        first), so two models can be compared query by query (paired). Runs the model in eval mode without gradients (its mode is restored afterwards). With
         ``return_prototypes``: ``(scores, prototypes)``, the (K, d) normalised prototypes in :attr:`docs` order.
         """
         was_training = model.training
@@ -277,7 +283,10 @@ class RetrievalTask:
             protos.append(z_train[start : start + len(ids)].mean(dim=0))
             start += len(ids)
         prototypes = F.normalize(torch.stack(protos), dim=-1)  # (K, d)
-        scores = {**retrieval_scores(z_query, self.labels, prototypes), "n_eval": len(self.queries)}
+        rank = retrieval_ranks(z_query, self.labels, prototypes)  # (Q,)
+        scores = {"accuracy": float((rank == 1).to(torch.float64).mean()),
+                  "mrr": float((1.0 / rank.to(torch.float64)).mean()), "n_eval": len(self.queries),
+                  "correct": rank == 1}
         return (scores, prototypes) if return_prototypes else scores
 
     def describe(self) -> dict[str, int]:
