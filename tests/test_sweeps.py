@@ -87,7 +87,9 @@ def test_full_metric_is_optimal_at_every_rank_under_its_own_metric():
     curves = {m: truncation_errors(W, *orient(W, C, 10, metric=m, eps=1e-3)[:3], M)
               for m in ("identity", "diag", "full", "corda")}
     for m in ("identity", "diag", "corda"):
-        assert bool((curves["full"] <= curves[m] + 1e-9).all()), m
+        # compare squared errors (what Eckart-Young minimises): at full rank both are rounding, ~1e-16, and
+        # their square roots (~1e-8) would differ by more than any fixed tolerance on the errors themselves
+        assert bool((curves["full"] ** 2 <= curves[m] ** 2 + 1e-12).all()), m
     assert float((curves["identity"] - curves["full"])[1:-1].max()) > 1e-3  # the test can fail
 
 

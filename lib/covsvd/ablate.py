@@ -295,6 +295,21 @@ def t_interval(x: Sequence[float], confidence: float = 0.95) -> dict[str, float]
     return dict(n=n, mean=mean, sd=sd, ci_low=mean - half, ci_high=mean + half)
 
 
+def one_config(df, config_hash: str | None = None):
+    """``(rows of one config, its hash)``: ``config_hash`` if given (ValueError if absent), else the only one
+    (ValueError if the rows hold several: results of different settings are never pooled)."""
+    import polars as pl
+
+    hashes = sorted(df["config_hash"].unique().to_list())
+    if config_hash is None:
+        if len(hashes) != 1:
+            raise ValueError(f"the rows come from {len(hashes)} configs {hashes}; pass config_hash=")
+        config_hash = hashes[0]
+    elif config_hash not in hashes:
+        raise ValueError(f"config_hash={config_hash!r} is not in the rows (have {hashes})")
+    return df.filter(pl.col("config_hash") == config_hash), config_hash
+
+
 def summarize(df, score: str = "score_after", confidence: float = 0.95, config_hash: str | None = None):
     """Per-arm mean of ``score`` over seeds with a Student-t confidence interval (polars DataFrame).
 
@@ -311,14 +326,7 @@ def summarize(df, score: str = "score_after", confidence: float = 0.95, config_h
     """
     import polars as pl
 
-    hashes = sorted(df["config_hash"].unique().to_list())
-    if config_hash is None:
-        if len(hashes) != 1:
-            raise ValueError(f"the rows come from {len(hashes)} configs {hashes}; pass config_hash=")
-        config_hash = hashes[0]
-    elif config_hash not in hashes:
-        raise ValueError(f"config_hash={config_hash!r} is not in the rows (have {hashes})")
-    df = df.filter(pl.col("config_hash") == config_hash)
+    df, config_hash = one_config(df, config_hash)
     out = []
     order = {name: i for i, name in enumerate(ARMS)}
     for arm in sorted(df["arm"].unique().to_list(), key=lambda a: (order.get(a, len(order)), a)):
@@ -374,12 +382,7 @@ def paired_differences(df, a: str, b: str, score: str = "score_after", confidenc
     """
     import polars as pl
 
-    hashes = sorted(df["config_hash"].unique().to_list())
-    if config_hash is None:
-        if len(hashes) != 1:
-            raise ValueError(f"the rows come from {len(hashes)} configs {hashes}; pass config_hash=")
-        config_hash = hashes[0]
-    df = df.filter(pl.col("config_hash") == config_hash)
+    df, config_hash = one_config(df, config_hash)
     va = dict(df.filter(pl.col("arm") == a).select("seed", score).rows())
     vb = dict(df.filter(pl.col("arm") == b).select("seed", score).rows())
     seeds = sorted(set(va) & set(vb))
