@@ -123,3 +123,15 @@ def brute_force(model, batches, names) -> dict[str, torch.Tensor]:
 def brute_force_rows():
     """The :func:`brute_force` function (every real input row of each module, fp64)."""
     return brute_force
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while a module runs (restored after); modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``. For small matrices on a shared 2-core machine
+    torch's default thread pool oversubscribes: test_adapter took 36 s with one thread vs 658 s with the
+    default under background load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

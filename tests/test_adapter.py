@@ -33,15 +33,7 @@ ARMS = (None, "V", "U", "both")
 IDENTITY_TOL = 1e-5  # relative, fp32 (the issue's bound)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread while this module runs (restored after). The matrices here are small; on a
-    shared 2-core machine torch's default thread pool oversubscribes and these tests ran ~10-20x slower
-    (measured: 36 s with one thread vs 658 s with the default, under background load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: see conftest.one_thread
 
 
 # ----------------------------------------------------------------------------------------------- helpers
