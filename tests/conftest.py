@@ -135,3 +135,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def random_orthogonal(d: int, g: torch.Generator) -> torch.Tensor:
+    """A (d, d) random orthogonal matrix in fp64 (QR of a Gaussian), drawn from ``g``."""
+    return torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+
+
+def make_W(d_out: int, d_in: int, seed: int, spread: float = 3.0) -> torch.Tensor:
+    """W = U diag(s) V^T (fp64) with random orthonormal U, V and singular values over ``spread`` decades."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(d_out, d_in)
+    s = torch.logspace(0, -spread, k, dtype=torch.float64)
+    return (random_orthogonal(d_out, g)[:, :k] * s) @ random_orthogonal(d_in, g)[:, :k].T  # (d_out, d_in)

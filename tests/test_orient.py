@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from conftest import make_W
+from conftest import random_orthogonal as _orth
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,16 +27,6 @@ FAST = settings(max_examples=30, deadline=None)
 F64 = torch.float64
 
 
-def _orth(d, g):
-    return torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64)).Q
-
-
-def make_W(d_out, d_in, seed, spread=3.0):
-    """W = U diag(s) V^T with singular values over ``spread`` decades."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(d_out, d_in)
-    s = torch.logspace(0, -spread, k, dtype=F64)
-    return (_orth(d_out, g)[:, :k] * s) @ _orth(d_in, g)[:, :k].T  # (d_out, d_in)
 
 
 def make_X(n, d_in, seed, cond_exp=3.0, mean=0.0):

@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from conftest import make_W as _make_W
+from conftest import random_orthogonal as _orth
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,15 +24,8 @@ F64 = torch.float64
 FAST = settings(max_examples=20, deadline=None)
 
 
-def _orth(d, g):
-    return torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64)).Q
-
-
 def make_W(d_out, d_in, seed, spread=2.0):
-    g = torch.Generator().manual_seed(seed)
-    k = min(d_out, d_in)
-    s = torch.logspace(0, -spread, k, dtype=F64)
-    return (_orth(d_out, g)[:, :k] * s) @ _orth(d_in, g)[:, :k].T  # (d_out, d_in)
+    return _make_W(d_out, d_in, seed, spread)  # (d_out, d_in), two decades of singular values
 
 
 def make_C(n, d_in, seed, cond_exp=4.0):
