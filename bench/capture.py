@@ -162,6 +162,16 @@ def memory_run(mode: str, tokens: int, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def memory_cell(mode: str, tokens: int, env: dict, repeats: int) -> dict:
+    """``memory_run`` ``repeats`` times: ``{"tokens", "peaks" (KiB, each run), "peak_kib" (their median)}``.
+
+    Under glibc's default malloc the peak of the same run varies by up to ~20% between processes (where the
+    heap fragments differs), so one run per cell is not a measurement."""
+    runs = [memory_run(mode, tokens, env) for _ in range(repeats)]
+    peaks = sorted(r["peak_kib"] for r in runs)
+    return {"tokens": runs[0]["tokens"], "peaks": peaks, "peak_kib": peaks[len(peaks) // 2]}
+
+
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -172,6 +182,7 @@ def main() -> None:
                    help="batch windows in corpus order (about 50%% padding) instead of length-sorted (< 1%%)")
     p.add_argument("--agree-batches", type=int, default=4, help="batches for the unscaled-peft agreement check")
     p.add_argument("--memory", type=int, nargs=2, default=[10_000, 100_000], metavar=("SMALL", "LARGE"))
+    p.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per memory cell (median kept)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "capture.md")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -292,7 +303,7 @@ def main() -> None:
     f32_eig.sort()
 
     print("memory runs (fresh processes)...", flush=True)
-    mem = {(setting, mode): [memory_run(mode, t, env) for t in args.memory]
+    mem = {(setting, mode): [memory_cell(mode, t, env, args.memory_repeats) for t in args.memory]
            for setting, env in MALLOC_SETTINGS.items() for mode in ("forward", "capture")}
     load_end = os.getloadavg()
 
@@ -322,7 +333,7 @@ def main() -> None:
         f"forward's positions are padding), all {n_linear} Linear layers, kind `full`; "
         f"{len(plan)} distinct accumulators (q/k/v share one). "
         f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. Load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end "
+        f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}. Load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end "
         f"on {os.cpu_count()} cores (every method was timed on each batch in turn, so the ratios share any "
         f"load). `{' '.join(['python', 'bench/capture.py'] + sys.argv[1:])}` reproduces it.",
         "",
@@ -370,18 +381,20 @@ def main() -> None:
         "",
         "Peak memory: a fresh process per cell loads the model, builds the batches and runs one plain forward; "
         "then its peak RSS is reset (`/proc/self/clear_refs` = 5) and it runs either `capture_moments` (float64, "
-        "kind full) or plain forwards over the same batches; the cell is `VmHWM` after that, in MiB. The token "
+        "kind full) or plain forwards over the same batches; the cell is `VmHWM` after that, in MiB: the median of "
+        f"{args.memory_repeats} fresh processes, their range in brackets. The token "
         "ids are built before the reset. Two glibc malloc settings, because the default one fragments the heap "
-        "as a run goes on (a plain forward alone grows too):",
+        "as a run goes on (a plain forward alone grows too, and the same run's peak varies between processes):",
         "",
         "| malloc | real tokens | peak, plain forwards | peak, capture | capture - forwards |",
         "|---|---:|---:|---:|---:|",
-        *[f"| {setting} | {f['tokens']:,} | {f['peak_kib'] / 1024:.0f} | {c['peak_kib'] / 1024:.0f} | "
-          f"{(c['peak_kib'] - f['peak_kib']) / 1024:+.0f} |"
+        *[f"| {setting} | {f['tokens']:,} | {f['peak_kib'] / 1024:.0f} [{f['peaks'][0] / 1024:.0f}-"
+          f"{f['peaks'][-1] / 1024:.0f}] | {c['peak_kib'] / 1024:.0f} [{c['peaks'][0] / 1024:.0f}-"
+          f"{c['peaks'][-1] / 1024:.0f}] | {(c['peak_kib'] - f['peak_kib']) / 1024:+.0f} |"
           for setting in MALLOC_SETTINGS
           for f, c in zip(mem[(setting, "forward")], mem[(setting, "capture")], strict=True)],
         "",
-        *[f"- {setting}: peak growth from {args.memory[0]:,} to {args.memory[1]:,} tokens: capture "
+        *[f"- {setting}: median peak growth from {args.memory[0]:,} to {args.memory[1]:,} tokens: capture "
           f"{100 * growth(setting, 'capture'):+.1f}% (target < 10%: {ok(growth(setting, 'capture') < 0.10)}), "
           f"plain forwards {100 * growth(setting, 'forward'):+.1f}%."
           for setting in MALLOC_SETTINGS],

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import covsvd
-from covsvd.capture import InputHooks, TokenRows
+from covsvd.capture import InputHooks, RowBuffers, TokenRows, contiguous_runs
 
 TOL = 1e-10  # relative, fp64 accumulation vs fp64 brute force (the bound)
 
@@ -223,6 +223,60 @@ def test_token_rows_selects_real_rows_for_every_layout():
         TokenRows(torch.tensor([[1, 2]]))
     with pytest.raises(ValueError, match=r"\(batch, tokens\)"):
         TokenRows(torch.ones(2, 1, 3, 3))
+
+
+def test_contiguous_runs_of_right_left_and_holed_masks():
+    right_left = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]]).bool()
+    assert contiguous_runs(right_left) == [(0, 0, 2), (1, 2, 4), (3, 0, 4)]  # the all-padding row left out
+    assert contiguous_runs(torch.tensor([[1, 0, 1, 1]]).bool()) is None  # a hole inside a sequence
+
+
+@pytest.mark.parametrize("mask", [[[1, 1, 0], [0, 1, 1]], [[1, 0, 1], [1, 1, 1]], [[1, 1, 1], [1, 1, 1]],
+                                  [[0, 0, 0], [0, 0, 0]]], ids=["right-left", "hole", "no-padding", "all-padding"])
+def test_select_casts_and_drops_padding_in_one_copy_into_the_scratch(mask):
+    mask = torch.tensor(mask)
+    rows = TokenRows(mask)
+    x = torch.randn(2, 3, 4)  # (B, T, d) fp32
+    expect = x[mask.bool()].double()
+    scratch = RowBuffers()
+    for layout in (x, x.reshape(6, 4)):  # (B, T, d) and (B*T, d)
+        for buffers in (None, scratch):
+            got = rows.select(layout, "m", torch.float64, buffers)
+            assert got.dtype == torch.float64 and torch.equal(got, expect)
+            assert got.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()  # a copy: ours to overwrite
+    assert torch.equal(rows.select(x[:, 0], "m", torch.float64, scratch), x[:, 0].double())  # (B, d) as is
+    if mask.all():  # nothing dropped, same dtype: a view, not a copy
+        assert rows.select(x, "m").data_ptr() == x.data_ptr()
+
+
+def test_row_buffers_are_one_reused_buffer_grown_to_the_largest_request():
+    scratch, cpu = RowBuffers(), torch.device("cpu")
+    a = scratch.rows(5, 3, torch.float64, cpu)
+    b = scratch.rows(2, 6, torch.float64, cpu)  # another width, same memory
+    assert a.shape == (5, 3) and b.shape == (2, 6) and b.data_ptr() == a.data_ptr()
+    scratch.reserve(40, torch.float64, cpu)
+    assert scratch.buffers[(torch.float64, cpu)].numel() == 40
+    assert scratch.rows(4, 10, torch.float64, cpu).shape == (4, 10)
+    assert scratch.rows(9, 5, torch.float64, cpu).shape == (9, 5)  # grown to 45
+    assert scratch.buffers[(torch.float64, cpu)].numel() == 45
+    assert scratch.rows(2, 3, torch.float32, cpu).dtype == torch.float32  # one buffer per dtype
+
+
+@pytest.mark.parametrize("accumulate", ["float64", "float32"])
+def test_a_mask_with_holes_equals_brute_force(bert_tiny, brute_force_rows, accumulate):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 50, (3, 7), generator=g)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 0, 1], [1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0, 0]])
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    moments = covsvd.capture_moments(bert_tiny, batches, progress=False, accumulate=accumulate)
+    rows = brute_force_rows(bert_tiny, batches, list(moments))
+    tol = TOL if accumulate == "float64" else 1e-6
+    for name, m in moments.items():
+        X = rows[name]  # (N, d_in) fp64
+        assert m.count == X.shape[0], name
+        assert rel(m.matrix(), X.T @ X / len(X)) <= tol, name
+        assert rel(m.mean(), X.mean(0)) <= TOL, name  # the O(d_in) sums are fp64 in both modes
+        assert rel(m.mean_abs(), X.abs().mean(0)) <= TOL, name
 
 
 def test_bad_arguments_raise(bert_tiny, make_batches):

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from covsvd.moments import (
     MomentAccumulator,
     SecondMoment,
+    add_column_sums_,
     add_gram_upper_,
     block_edges,
     mirror_lower_,
@@ -133,3 +134,30 @@ def test_empty_moment_and_too_few_tokens_raise_with_the_count():
     require_tokens({"q": m}, 3)
     with pytest.raises(KeyError, match="no captured moment"):
         require_tokens({"q": m}, 3, names=["v"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_column_sums_accumulate_in_fp64_with_or_without_reused_ones(dtype):
+    x = rows(37, 5, seed=1, dtype=dtype)
+    expect = x.double().sum(0)
+    for ones in (None, torch.ones(50, dtype=torch.float64), torch.ones(10, dtype=torch.float64)):  # short: not used
+        out = torch.full((5,), 2.0, dtype=torch.float64)
+        add_column_sums_(out, x, ones)
+        assert rel(out - 2.0, expect) <= 1e-15
+
+
+@pytest.mark.parametrize("accumulate", ["float64", "float32"])
+def test_add_overwrites_its_input_only_when_handed_over(accumulate):
+    dtype = torch.float64 if accumulate == "float64" else torch.float32
+    x = rows(30, 6, seed=2, dtype=dtype)
+    keep = x.clone()
+    reference = SecondMoment.from_rows(keep, accumulate=accumulate)
+    acc = MomentAccumulator(6, accumulate=accumulate)
+    acc.add(x)
+    assert torch.equal(x, keep)  # not handed over: untouched
+    acc.add(x, consume=True)  # handed over: may be overwritten (|x| in place)
+    m = acc.moment()
+    assert not torch.equal(x, keep)
+    assert m.count == 60
+    for got, want in ((m.sum_xx, reference.sum_xx), (m.sum_x, reference.sum_x), (m.sum_abs, reference.sum_abs)):
+        assert rel(got, 2 * want) <= 1e-12

@@ -4,6 +4,11 @@ The thin layer that touches modules: forward pre-hooks (:class:`InputHooks`) han
 a :class:`~covsvd.moments.MomentAccumulator` after dropping padding (:class:`TokenRows`). The algebra
 (the streaming sums and their precision) lives in :mod:`covsvd.moments`.
 
+Per call, one copy of the input: its real rows, padding dropped and cast to the Gram product's dtype in
+the same pass, written into one reusable buffer (:class:`RowBuffers`) that the accumulator may then
+overwrite (``|x|`` in place). Measured on the default model (bench/capture.py): these copies and the
+O(d_in) sums cost ~10% of forward + Gram GEMMs; per-call fresh tensors fragmented glibc's heap.
+
 Shared inputs: targets that read the *same tensor object* in one forward (q/k/v; gate/up) share one
 accumulator, so the product is computed once. Sharing is discovered in the first forward (by object
 identity, through weak references, so a freed tensor's recycled ``id`` never matches) and then checked
@@ -75,6 +80,7 @@ class TokenRows:
     def __init__(self, mask: torch.Tensor | None) -> None:
         self.shape: tuple[int, int] | None = None
         self.index: torch.Tensor | None = None  # (n_real,) flat indices into B*T; None = all real
+        self.runs: list[tuple[int, int, int]] | None = None  # (b, start, stop) per sequence, when contiguous
         self.n_real: int | None = None
         if mask is None:
             return
@@ -88,23 +94,92 @@ class TokenRows:
         self.n_real = int(flat.sum())
         if self.n_real < flat.numel():
             self.index = flat.nonzero().squeeze(1)
+            self.runs = contiguous_runs(mask.bool())
 
-    def select(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The real rows of ``x`` ``(..., d_in)`` as ``(N, d_in)``."""
+    def select(
+        self, x: torch.Tensor, name: str, dtype: torch.dtype | None = None, scratch: RowBuffers | None = None
+    ) -> torch.Tensor:
+        """The real rows of ``x`` ``(..., d_in)`` as ``(N, d_in)``, in ``dtype`` (default: ``x``'s).
+
+        A view of ``x`` when no row is dropped and the dtype is ``x``'s; otherwise a copy, written in one pass
+        (padding dropped and dtype cast together) when every sequence's real tokens are contiguous (right or
+        left padding), else by an index gather and a cast. The copy goes into ``scratch`` (reused from call
+        to call: valid until the next ``select`` with the same ``scratch``, width and dtype) when given.
+        """
         d = x.shape[-1]
+        dtype = dtype or x.dtype
         if self.shape is None:
-            return x.reshape(-1, d)
+            return _cast(x.reshape(-1, d), dtype, scratch)
         B, T = self.shape
         lead = tuple(x.shape[:-1])
         if lead in ((B, T), (B * T,)):
-            flat = x.reshape(B * T, d)  # (B*T, d_in)
-            return flat if self.index is None else flat.index_select(0, self.index)
+            if self.index is None:
+                return _cast(x.reshape(B * T, d), dtype, scratch)  # (B*T, d_in)
+            if self.runs is None:  # a hole inside some sequence: gather (a new tensor), then cast
+                return _cast(x.reshape(B * T, d).index_select(0, self.index), dtype, scratch)
+            out = _empty(self.n_real, d, dtype, x.device, scratch)  # (N, d_in)
+            x3, at = x.reshape(B, T, d), 0
+            for b, start, stop in self.runs:  # copy_ casts as it copies (torch.cat(out=) would cast via temporaries)
+                out[at : at + stop - start].copy_(x3[b, start:stop])
+                at += stop - start
+            return out
         if lead == (B,):
-            return x  # (B, d_in): one row per sequence, every row counts
+            return _cast(x, dtype, scratch)  # (B, d_in): one row per sequence, every row counts
         raise ValueError(
             f"module {name!r}: input of shape {tuple(x.shape)} fits no attention_mask of shape {(B, T)}: "
             f"expected (B, T, d_in), (B*T, d_in) or (B, d_in); exclude the module with targets=..."
         )
+
+
+class RowBuffers:
+    """Reusable memory for the ``(N, d_in)`` row copies capture makes, one flat buffer per (dtype, device).
+
+    Capture copies each module's real rows (fp64 cast, padding dropped) into this buffer instead of a fresh
+    tensor per call (calls are sequential, so one buffer serves every width): no large allocation per hook.
+    :meth:`reserve` sizes it before a forward runs, so it is not allocated amid the forward's activations
+    (which fragments glibc's heap). Memory: the largest ``N * d_in`` seen, whatever the number of tokens.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def reserve(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Grow the (dtype, device) buffer to at least ``numel`` elements."""
+        key = (dtype, torch.device(device))
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            self.buffers.pop(key, None)  # free the old one first
+            self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+
+    def rows(self, n: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An ``(n, d)`` view of the buffer (valid until the next ``rows`` call), grown when needed."""
+        self.reserve(n * d, dtype, device)
+        return self.buffers[(dtype, torch.device(device))][: n * d].view(n, d)
+
+
+def _empty(n: int, d: int, dtype: torch.dtype, device: torch.device, scratch: RowBuffers | None) -> torch.Tensor:
+    if scratch is None:
+        return torch.empty(n, d, dtype=dtype, device=device)
+    return scratch.rows(n, d, dtype, device)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype, scratch: RowBuffers | None) -> torch.Tensor:
+    """``x`` ``(N, d)`` in ``dtype``: ``x`` itself when it already is, else a copy (into ``scratch`` when given)."""
+    if x.dtype == dtype:
+        return x
+    return _empty(x.shape[0], x.shape[1], dtype, x.device, scratch).copy_(x)
+
+
+def contiguous_runs(mask: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """``[(b, start, stop), ...]``: the real tokens of each sequence of a bool ``mask`` ``(B, T)`` as one run
+    ``mask[b, start:stop]`` (sequences without real tokens left out); ``None`` if some row has a hole."""
+    lengths = mask.sum(1)  # (B,)
+    start = mask.to(torch.uint8).argmax(1)  # (B,) first real token (0 for an all-padding row)
+    pos = torch.arange(mask.shape[1], device=mask.device)  # (T,)
+    inside = (pos >= start[:, None]) & (pos < (start + lengths)[:, None])  # (B, T)
+    if not torch.equal(inside, mask):
+        return None
+    return [(b, s, s + n) for b, (s, n) in enumerate(zip(start.tolist(), lengths.tolist(), strict=True)) if n > 0]
 
 
 class SharedInputs:
@@ -270,6 +345,7 @@ class MomentCapture:
         if accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate={accumulate!r}; expected one of {ACCUMULATE}")
         self.model, self.kind, self.accumulate = model, kind, accumulate
+        self.dtype = torch.float64 if accumulate == "float64" else torch.float32  # of the Gram products
         self.device = _model_device(model)
         if accumulate == "float32" and self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
             raise ValueError(
@@ -282,6 +358,7 @@ class MomentCapture:
         self.sharing = SharedInputs(self.names, enabled=share_inputs)
         self.accs: dict[str, MomentAccumulator] = {}  # leader name -> accumulator, made on its first input
         self.rows = TokenRows(None)
+        self.scratch = RowBuffers()  # the copies of each call's real rows (see RowBuffers)
         self.batches = 0
         self.tokens = 0  # real tokens (mask == 1) fed so far; unknown without a mask
         self._hooks: InputHooks | None = None
@@ -319,7 +396,9 @@ class MomentCapture:
             acc = self.accs[lead] = MomentAccumulator(
                 self.d_in[lead], kind=self.kind, accumulate=self.accumulate, device=self.device
             )
-        acc.add(self.rows.select(x, name))  # (N, d_in) real rows
+        rows = self.rows.select(x, name, acc.dtype, self.scratch)  # (N, d_in) real rows, in the GEMM dtype
+        # a copy (padding dropped or dtype cast) is the accumulator's to overwrite: it saves a buffer
+        acc.add(rows, consume=rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
 
     def add(self, batch) -> None:
         """Run the model on one batch (dict, tuple/list or tensor; see :func:`capture_moments`) and add its inputs."""
@@ -327,6 +406,8 @@ class MomentCapture:
             raise RuntimeError("MomentCapture.add must be called inside its `with` block")
         args, kwargs, mask = as_call(batch, self.device, self.model.forward)
         self.rows = TokenRows(mask)
+        if mask is not None:  # the row copies need at most B*T rows of the widest input: allocate them now
+            self.scratch.reserve(mask.numel() * max(self.d_in.values()), self.dtype, self.device)
         with torch.no_grad():
             self.model(*args, **kwargs)
         self.sharing.end_forward()
