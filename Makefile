@@ -10,7 +10,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
-# MKL/OpenMP busy-waiting makes small fp64 decompositions 10-50x slower when the cores are shared.
+# MKL/OpenMP busy-waiting makes small fp64 decompositions 10-50x slower when the cores are shared (tests,
+# notebooks). Passive waiting has its own cost: every parallel region wakes sleeping threads (a 16-slice
+# fp64 row copy: 2.4 ms vs 0.29 ms), so `make bench` runs with the OpenMP default, as a plain `python`
+# session does (bench/results/capture_passive.md has capture under PASSIVE, as `make lab` runs it).
 export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: venv test figures figures-quick lab bench ablations ablations-quick lint clean-venv
@@ -41,8 +44,8 @@ lab: $(STAMP)
 
 ## make bench: speed / memory ratios, measured side by side (not part of the tests)
 bench: $(STAMP)
-	$(PY) bench/capture.py
-	$(PY) bench/orient.py
+	env -u OMP_WAIT_POLICY $(PY) bench/capture.py
+	env -u OMP_WAIT_POLICY $(PY) bench/orient.py
 
 ## make ablations: the local metric / rotation ablation sweep on CPU (resumable)
 ablations: $(STAMP)

@@ -182,7 +182,7 @@ def main() -> None:
                    help="batch windows in corpus order (about 50%% padding) instead of length-sorted (< 1%%)")
     p.add_argument("--agree-batches", type=int, default=4, help="batches for the unscaled-peft agreement check")
     p.add_argument("--memory", type=int, nargs=2, default=[10_000, 100_000], metavar=("SMALL", "LARGE"))
-    p.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per memory cell (median kept)")
+    p.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per memory cell (median kept); 0 skips the memory runs")
     p.add_argument("--out", type=Path, default=HERE / "results" / "capture.md")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -302,9 +302,11 @@ def main() -> None:
         f32_eig.append((float((e32[0] - e64[0]).abs() / e64[0]), float(e64[-1] / e64[0]), n))
     f32_eig.sort()
 
-    print("memory runs (fresh processes)...", flush=True)
-    mem = {(setting, mode): [memory_cell(mode, t, env, args.memory_repeats) for t in args.memory]
-           for setting, env in MALLOC_SETTINGS.items() for mode in ("forward", "capture")}
+    mem = {}
+    if args.memory_repeats > 0:
+        print("memory runs (fresh processes)...", flush=True)
+        mem = {(setting, mode): [memory_cell(mode, t, env, args.memory_repeats) for t in args.memory]
+               for setting, env in MALLOC_SETTINGS.items() for mode in ("forward", "capture")}
     load_end = os.getloadavg()
 
     t = times
@@ -324,6 +326,30 @@ def main() -> None:
     def ok(good: bool) -> str:
         return "met" if good else "**missed**"
 
+    if args.memory_repeats > 0:
+        mem_lines = [
+            "Peak memory: a fresh process per cell loads the model, builds the batches and runs one plain forward; "
+            "then its peak RSS is reset (`/proc/self/clear_refs` = 5) and it runs either `capture_moments` (float64, "
+            "kind full) or plain forwards over the same batches; the cell is `VmHWM` after that, in MiB: the median of "
+            f"{args.memory_repeats} fresh processes, their range in brackets. The token "
+            "ids are built before the reset. Two glibc malloc settings, because the default one fragments the heap "
+            "as a run goes on (a plain forward alone grows too, and the same run's peak varies between processes):",
+            "",
+            "| malloc | real tokens | peak, plain forwards | peak, capture | capture - forwards |",
+            "|---|---:|---:|---:|---:|",
+            *[f"| {setting} | {f['tokens']:,} | {f['peak_kib'] / 1024:.0f} [{f['peaks'][0] / 1024:.0f}-"
+              f"{f['peaks'][-1] / 1024:.0f}] | {c['peak_kib'] / 1024:.0f} [{c['peaks'][0] / 1024:.0f}-"
+              f"{c['peaks'][-1] / 1024:.0f}] | {(c['peak_kib'] - f['peak_kib']) / 1024:+.0f} |"
+              for setting in MALLOC_SETTINGS
+              for f, c in zip(mem[(setting, "forward")], mem[(setting, "capture")], strict=True)],
+            "",
+            *[f"- {setting}: median peak growth from {args.memory[0]:,} to {args.memory[1]:,} tokens: capture "
+              f"{100 * growth(setting, 'capture'):+.1f}% (target < 10%: {ok(growth(setting, 'capture') < 0.10)}), "
+              f"plain forwards {100 * growth(setting, 'forward'):+.1f}%."
+              for setting in MALLOC_SETTINGS],
+        ]
+    else:
+        mem_lines = ["Peak memory: not measured in this run (`--memory-repeats 0`).", ""]
     lines = [
         "# capture benchmark",
         "",
@@ -379,25 +405,7 @@ def main() -> None:
         f"{f32_eig[len(f32_eig) // 2][0]:.1e}, worst {f32_eig[-1][0]:.1e} (`{f32_eig[-1][2]}`, condition number "
         f"{f32_eig[-1][1]:.1e})." if f32_eig else f"float32 vs float64: max relative Frobenius error {f32_fro:.1e}.",
         "",
-        "Peak memory: a fresh process per cell loads the model, builds the batches and runs one plain forward; "
-        "then its peak RSS is reset (`/proc/self/clear_refs` = 5) and it runs either `capture_moments` (float64, "
-        "kind full) or plain forwards over the same batches; the cell is `VmHWM` after that, in MiB: the median of "
-        f"{args.memory_repeats} fresh processes, their range in brackets. The token "
-        "ids are built before the reset. Two glibc malloc settings, because the default one fragments the heap "
-        "as a run goes on (a plain forward alone grows too, and the same run's peak varies between processes):",
-        "",
-        "| malloc | real tokens | peak, plain forwards | peak, capture | capture - forwards |",
-        "|---|---:|---:|---:|---:|",
-        *[f"| {setting} | {f['tokens']:,} | {f['peak_kib'] / 1024:.0f} [{f['peaks'][0] / 1024:.0f}-"
-          f"{f['peaks'][-1] / 1024:.0f}] | {c['peak_kib'] / 1024:.0f} [{c['peaks'][0] / 1024:.0f}-"
-          f"{c['peaks'][-1] / 1024:.0f}] | {(c['peak_kib'] - f['peak_kib']) / 1024:+.0f} |"
-          for setting in MALLOC_SETTINGS
-          for f, c in zip(mem[(setting, "forward")], mem[(setting, "capture")], strict=True)],
-        "",
-        *[f"- {setting}: median peak growth from {args.memory[0]:,} to {args.memory[1]:,} tokens: capture "
-          f"{100 * growth(setting, 'capture'):+.1f}% (target < 10%: {ok(growth(setting, 'capture') < 0.10)}), "
-          f"plain forwards {100 * growth(setting, 'forward'):+.1f}%."
-          for setting in MALLOC_SETTINGS],
+        *mem_lines,
         "- The running sums are O(d_in^2) and allocated once: 25 fp64 accumulators, "
         f"{sum(m.sum_xx.numel() for m in {id(m): m for m in m64.values()}.values()) * 8 / 2**20:.0f} MiB.",
         "",

@@ -346,7 +346,7 @@ def main(argv=None):
     lines = [
         "# orient benchmark (bench/orient.py)",
         "",
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}. Load average at start {load0[0]:.1f}.",
         "",
     ]

@@ -6,8 +6,8 @@ a :class:`~covsvd.moments.MomentAccumulator` after dropping padding (:class:`Tok
 
 Per call, one copy of the input: its real rows, padding dropped and cast to the Gram product's dtype in
 the same pass, written into one reusable buffer (:class:`RowBuffers`) that the accumulator may then
-overwrite (``|x|`` in place). Measured on the default model (bench/capture.py): these copies and the
-O(d_in) sums cost ~10% of forward + Gram GEMMs; per-call fresh tensors fragmented glibc's heap.
+overwrite (``|x|`` in place), so no ``(N, d_in)`` tensor is allocated per hook. Measured on the default
+model (bench/capture.py): these copies, the O(d_in) sums and the hooks cost ~15% of forward + Gram GEMMs.
 
 Shared inputs: targets that read the *same tensor object* in one forward (q/k/v; gate/up) share one
 accumulator, so the product is computed once. Sharing is discovered in the first forward (by object
@@ -103,8 +103,8 @@ class TokenRows:
 
         A view of ``x`` when no row is dropped and the dtype is ``x``'s; otherwise a copy, written in one pass
         (padding dropped and dtype cast together) when every sequence's real tokens are contiguous (right or
-        left padding), else by an index gather and a cast. The copy goes into ``scratch`` (reused from call
-        to call: valid until the next ``select`` with the same ``scratch``, width and dtype) when given.
+        left padding), else by an index gather and a cast. The copy goes into ``scratch`` when given (then it
+        is valid until the next ``select`` into the same ``scratch`` and dtype).
         """
         d = x.shape[-1]
         dtype = dtype or x.dtype

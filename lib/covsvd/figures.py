@@ -92,7 +92,8 @@ def kernel_env(quick: bool, figures_dir: Path) -> dict[str, str]:
         }
     )
     # MKL/OpenMP threads busy-wait between parallel regions; on a shared or loaded machine that turned a
-    # 0.04 s fp64 SVD into 1.8 s (measured). Passive waiting costs nothing measurable on a quiet machine.
+    # 0.04 s fp64 SVD into 1.8 s (measured). Passive waiting makes many small ops slower instead (each wakes
+    # the sleeping threads), which the notebooks' short captures can afford; the benchmarks run without it.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
