@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .models import model_identity
-from .moments import ACCUMULATE, KINDS, MomentAccumulator, SecondMoment
+from .moments import ACCUMULATE, KINDS, MomentAccumulator, SecondMoment, gram_dtype
 from .targets import TargetSpec, find_targets, in_out_features
 
 
@@ -345,7 +345,7 @@ class MomentCapture:
         if accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate={accumulate!r}; expected one of {ACCUMULATE}")
         self.model, self.kind, self.accumulate = model, kind, accumulate
-        self.dtype = torch.float64 if accumulate == "float64" else torch.float32  # of the Gram products
+        self.dtype = gram_dtype(accumulate)  # of the Gram products (and the row copies)
         self.device = _model_device(model)
         if accumulate == "float32" and self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
             raise ValueError(

@@ -52,6 +52,12 @@ def gram_block(d: int) -> int:
     k = max(2, round(d / GRAM_BLOCK_TARGET))
     return -(-d // k)
 
+def gram_dtype(accumulate: str) -> torch.dtype:
+    """The dtype of the per-batch Gram products for ``accumulate`` (``"float64"`` or ``"float32"``)."""
+    _check_choice("accumulate", accumulate, ACCUMULATE)
+    return torch.float64 if accumulate == "float64" else torch.float32
+
+
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r}; expected one of {allowed}")
@@ -351,7 +357,7 @@ class MomentAccumulator:
         self.block = block or gram_block(d_in)  # the Gram product's block width (see gram_block)
         self.sums: SecondMoment | None = SecondMoment.zeros(d_in, kind, device=device)
         self.sums.accumulate = accumulate
-        self.dtype = torch.float64 if accumulate == "float64" else torch.float32
+        self.dtype = gram_dtype(accumulate)
         self.ones = torch.ones(0, dtype=torch.float64, device=device)  # reused by add_column_sums_
 
     def add(self, x: torch.Tensor, *, consume: bool = False) -> None:
