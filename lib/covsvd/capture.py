@@ -79,8 +79,9 @@ class TokenRows:
 
     def __init__(self, mask: torch.Tensor | None) -> None:
         self.shape: tuple[int, int] | None = None
-        self.index: torch.Tensor | None = None  # (n_real,) flat indices into B*T; None = all real
+        self.padded = False  # some token of the batch is padding
         self.runs: list[tuple[int, int, int]] | None = None  # (b, start, stop) per sequence, when contiguous
+        self.index: torch.Tensor | None = None  # (n_real,) flat indices into B*T, only when runs is None
         self.n_real: int | None = None
         if mask is None:
             return
@@ -92,9 +93,11 @@ class TokenRows:
         self.shape = (mask.shape[0], mask.shape[1])
         flat = mask.reshape(-1).bool()  # (B*T,)
         self.n_real = int(flat.sum())
-        if self.n_real < flat.numel():
-            self.index = flat.nonzero().squeeze(1)
+        self.padded = self.n_real < flat.numel()
+        if self.padded:
             self.runs = contiguous_runs(mask.bool())
+            if self.runs is None:
+                self.index = flat.nonzero().squeeze(1)
 
     def select(
         self, x: torch.Tensor, name: str, dtype: torch.dtype | None = None, scratch: RowBuffers | None = None
@@ -113,7 +116,7 @@ class TokenRows:
         B, T = self.shape
         lead = tuple(x.shape[:-1])
         if lead in ((B, T), (B * T,)):
-            if self.index is None:
+            if not self.padded:
                 return _cast(x.reshape(B * T, d), dtype, scratch)  # (B*T, d_in)
             if self.runs is None:  # a hole inside some sequence: gather (a new tensor), then cast
                 return _cast(x.reshape(B * T, d).index_select(0, self.index), dtype, scratch)
@@ -355,6 +358,7 @@ class MomentCapture:
         self.names = find_targets(model, targets)
         modules = dict(model.named_modules())
         self.d_in = {n: in_out_features(modules[n])[1] for n in self.names}
+        self.widest = max(self.d_in.values())  # the row buffer holds B*T rows of the widest input
         self.sharing = SharedInputs(self.names, enabled=share_inputs)
         self.accs: dict[str, MomentAccumulator] = {}  # leader name -> accumulator, made on its first input
         self.rows = TokenRows(None)
@@ -407,7 +411,7 @@ class MomentCapture:
         args, kwargs, mask = as_call(batch, self.device, self.model.forward)
         self.rows = TokenRows(mask)
         if mask is not None:  # the row copies need at most B*T rows of the widest input: allocate them now
-            self.scratch.reserve(mask.numel() * max(self.d_in.values()), self.dtype, self.device)
+            self.scratch.reserve(mask.numel() * self.widest, self.dtype, self.device)
         with torch.no_grad():
             self.model(*args, **kwargs)
         self.sharing.end_forward()

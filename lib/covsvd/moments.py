@@ -52,6 +52,7 @@ def gram_block(d: int) -> int:
     k = max(2, round(d / GRAM_BLOCK_TARGET))
     return -(-d // k)
 
+
 def gram_dtype(accumulate: str) -> torch.dtype:
     """The dtype of the per-batch Gram products for ``accumulate`` (``"float64"`` or ``"float32"``)."""
     _check_choice("accumulate", accumulate, ACCUMULATE)
