@@ -111,11 +111,32 @@ def gemm_plan(model, batch) -> list[tuple[int, bool]]:
     return [(m.d_in, m.count == n_real) for m in distinct]
 
 
-def gemms_alone(plan, batch, buffers, outs, dtype) -> None:
+def gemm_operands(plan, rows: int, shared: bool, seed: int = 0) -> tuple[list, list]:
+    """Random rows ``(rows, d)`` (fp64 and an fp32 copy) and an fp64 ``(d, d)`` sum for each accumulator of ``plan``.
+
+    ``shared=False``: each accumulator its own rows and sum, as in capture, where each reads a different
+    module's input. ``shared=True``: one of each per width, reused by every accumulator of that width: later
+    GEMMs then find their operands in cache, which capture's never do (the cache-warm lower bound).
+    """
+    g = torch.Generator().manual_seed(seed)
+    xs, outs, by_width = [], [], {}
+    for d, _ in plan:
+        if not (shared and d in by_width):
+            x = torch.randn(rows, d, generator=g)
+            by_width[d] = ({torch.float64: x.double(), torch.float32: x}, torch.zeros(d, d, dtype=torch.float64))
+        xs.append(by_width[d][0])
+        outs.append(by_width[d][1])
+        if not shared:
+            del by_width[d]
+    return xs, outs
+
+
+def gemms_alone(plan, batch, operands, dtype) -> None:
     """The upper-block Gram GEMMs capture runs for ``batch``, on random rows of the same shapes and dtype."""
     n_real, n_seq = int(batch["attention_mask"].sum()), batch["input_ids"].shape[0]
-    for d, per_token in plan:
-        add_gram_upper_(outs[d], buffers[(d, dtype)][: n_real if per_token else n_seq])
+    xs, outs = operands
+    for (_, per_token), x, out in zip(plan, xs, outs, strict=True):
+        add_gram_upper_(out, x[dtype][: n_real if per_token else n_seq])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,6 +148,7 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+REPEATED = "glibc default, the small run's batches repeated"
 MALLOC_SETTINGS = {
     "glibc default": {},
     # fixed mmap threshold: large blocks are mmap'd and returned on free, so heap fragmentation cannot
@@ -135,12 +157,18 @@ MALLOC_SETTINGS = {
 }
 
 
-def memory_child(mode: str, tokens: int) -> None:
+def memory_child(mode: str, tokens: int, repeat_of: int = 0) -> None:
     """Fresh process: load, build batches, one plain forward, reset the peak RSS, then run ``mode``
     (``"capture"``: capture_moments, float64, kind full; ``"forward"``: plain forwards over the same
-    batches) and print the peak RSS (``VmHWM``) it reached."""
+    batches) and print the peak RSS (``VmHWM``) it reached.
+
+    ``repeat_of > 0``: the batches of the first ``repeat_of`` tokens, cycled until ``tokens`` real tokens
+    (more tokens, the same batch shapes); else the batches of the first ``tokens`` tokens of the text."""
     model, tok = covsvd.load_default_model()
-    batches = covsvd.calibration_batches(tok, split="all", max_tokens=tokens)
+    batches = covsvd.calibration_batches(tok, split="all", max_tokens=repeat_of or tokens)
+    if repeat_of:
+        base, n = batches, covsvd.count_tokens(batches)
+        batches = base * -(-tokens // n)
     with torch.no_grad():
         model(**batches[0])  # allocator warm: the baseline includes one plain forward
     with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
@@ -156,18 +184,18 @@ def memory_child(mode: str, tokens: int) -> None:
                       "peak_kib": _status_kib("VmHWM")}))
 
 
-def memory_run(mode: str, tokens: int, env: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", mode, str(tokens)], check=True,
+def memory_run(mode: str, tokens: int, env: dict, repeat_of: int = 0) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", mode, str(tokens), str(repeat_of)], check=True,
                          capture_output=True, text=True, env={**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def memory_cell(mode: str, tokens: int, env: dict, repeats: int) -> dict:
+def memory_cell(mode: str, tokens: int, env: dict, repeats: int, repeat_of: int = 0) -> dict:
     """``memory_run`` ``repeats`` times: ``{"tokens", "peaks" (KiB, each run), "peak_kib" (their median)}``.
 
     Under glibc's default malloc the peak of the same run varies by up to ~20% between processes (where the
     heap fragments differs), so one run per cell is not a measurement."""
-    runs = [memory_run(mode, tokens, env) for _ in range(repeats)]
+    runs = [memory_run(mode, tokens, env, repeat_of) for _ in range(repeats)]
     peaks = sorted(r["peak_kib"] for r in runs)
     return {"tokens": runs[0]["tokens"], "peaks": peaks, "peak_kib": peaks[len(peaks) // 2]}
 
@@ -184,10 +212,10 @@ def main() -> None:
     p.add_argument("--memory", type=int, nargs=2, default=[10_000, 100_000], metavar=("SMALL", "LARGE"))
     p.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per memory cell (median kept); 0 skips the memory runs")
     p.add_argument("--out", type=Path, default=HERE / "results" / "capture.md")
-    p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child[0], int(args.memory_child[1]))
+        memory_child(args.memory_child[0], int(args.memory_child[1]), int(args.memory_child[2]))
         return
 
     load_start = os.getloadavg()
@@ -199,15 +227,12 @@ def main() -> None:
     config = peft_config()
     plan = gemm_plan(model, batches[0])
     rows = max(int(b["attention_mask"].sum()) for b in batches)
-    g = torch.Generator().manual_seed(0)
-    buffers = {}
-    for d in {d for d, _ in plan}:
-        x = torch.randn(rows, d, generator=g)
-        buffers[(d, torch.float64)], buffers[(d, torch.float32)] = x.double(), x
+    own, shared = gemm_operands(plan, rows, shared=False), gemm_operands(plan, rows, shared=True)
     print(f"{n_tokens} real tokens in {len(batches)} batches; {n_linear} Linear targets, "
           f"{len(plan)} distinct accumulators; torch threads {torch.get_num_threads()}", flush=True)
 
-    times = {k: 0.0 for k in ("forward", "capture64", "capture32", "gemm64", "gemm32", "peft", "forward1")}
+    times = {k: 0.0 for k in ("forward", "capture64", "capture32", "gemm64", "gemm32", "gemm64_shared", "peft",
+                              "forward1")}
     per_batch: dict[str, list[float]] = {k: [] for k in times}
     peft_sum: dict[str, torch.Tensor] = {}
     peft_n: dict[str, int] = {}
@@ -230,7 +255,6 @@ def main() -> None:
             peft_n[n] = peft_n.get(n, 0) + c[n]
 
     forward(batches[0])  # warm-up
-    outs = {d: torch.zeros(d, d, dtype=torch.float64) for d, _ in plan}
     t0 = time.perf_counter()
     cap64 = MomentCapture(model64, accumulate="float64").__enter__()
     times["capture64"] += time.perf_counter() - t0
@@ -241,8 +265,9 @@ def main() -> None:
         ("forward", forward),
         ("capture64", cap64.add),
         ("capture32", cap32.add),
-        ("gemm64", lambda b: gemms_alone(plan, b, buffers, outs, torch.float64)),
-        ("gemm32", lambda b: gemms_alone(plan, b, buffers, outs, torch.float32)),
+        ("gemm64", lambda b: gemms_alone(plan, b, own, torch.float64)),
+        ("gemm32", lambda b: gemms_alone(plan, b, own, torch.float32)),
+        ("gemm64_shared", lambda b: gemms_alone(plan, b, shared, torch.float64)),
         ("peft", peft),
         ("forward1", forward_unpadded),
     ]
@@ -307,6 +332,10 @@ def main() -> None:
         print("memory runs (fresh processes)...", flush=True)
         mem = {(setting, mode): [memory_cell(mode, t, env, args.memory_repeats) for t in args.memory]
                for setting, env in MALLOC_SETTINGS.items() for mode in ("forward", "capture")}
+        small = args.memory[0]
+        for mode in ("forward", "capture"):  # the same small run (shared cell), its batches cycled to the large count
+            mem[(REPEATED, mode)] = [mem[("glibc default", mode)][0],
+                                     memory_cell(mode, args.memory[1], {}, args.memory_repeats, repeat_of=small)]
     load_end = os.getloadavg()
 
     t = times
@@ -318,6 +347,7 @@ def main() -> None:
 
     r1_64, r1_32 = ratios("capture64", "forward"), ratios("capture32", "forward")
     r2_64, r2_32 = ratios("capture64", "forward", "gemm64"), ratios("capture32", "forward", "gemm32")
+    r2_shared = ratios("capture64", "forward", "gemm64_shared")
     r3_64, r3_32 = ratios("peft", "capture64"), ratios("peft", "capture32")
     def growth(setting: str, mode: str) -> float:
         small, large = mem[(setting, mode)]
@@ -333,20 +363,22 @@ def main() -> None:
             "kind full) or plain forwards over the same batches; the cell is `VmHWM` after that, in MiB: the median of "
             f"{args.memory_repeats} fresh processes, their range in brackets. The token "
             "ids are built before the reset. Two glibc malloc settings, because the default one fragments the heap "
-            "as a run goes on (a plain forward alone grows too, and the same run's peak varies between processes):",
+            "as a run goes on (a plain forward alone grows too, and the same run's peak varies between processes); "
+            "and, under the default malloc, the small run's batches cycled to the large token count (more tokens, "
+            "no new batch shapes: what grows with the token count alone; its small cell is the default one's):",
             "",
             "| malloc | real tokens | peak, plain forwards | peak, capture | capture - forwards |",
             "|---|---:|---:|---:|---:|",
             *[f"| {setting} | {f['tokens']:,} | {f['peak_kib'] / 1024:.0f} [{f['peaks'][0] / 1024:.0f}-"
               f"{f['peaks'][-1] / 1024:.0f}] | {c['peak_kib'] / 1024:.0f} [{c['peaks'][0] / 1024:.0f}-"
               f"{c['peaks'][-1] / 1024:.0f}] | {(c['peak_kib'] - f['peak_kib']) / 1024:+.0f} |"
-              for setting in MALLOC_SETTINGS
+              for setting in (*MALLOC_SETTINGS, REPEATED)
               for f, c in zip(mem[(setting, "forward")], mem[(setting, "capture")], strict=True)],
             "",
             *[f"- {setting}: median peak growth from {args.memory[0]:,} to {args.memory[1]:,} tokens: capture "
               f"{100 * growth(setting, 'capture'):+.1f}% (target < 10%: {ok(growth(setting, 'capture') < 0.10)}), "
               f"plain forwards {100 * growth(setting, 'forward'):+.1f}%."
-              for setting in MALLOC_SETTINGS],
+              for setting in (*MALLOC_SETTINGS, REPEATED)],
         ]
     else:
         mem_lines = ["Peak memory: not measured in this run (`--memory-repeats 0`).", ""]
@@ -367,19 +399,26 @@ def main() -> None:
         "|---|---:|---:|---|",
         f"| plain forward (s) | {t['forward']:.1f} | {t['forward']:.1f} | |",
         f"| capture_moments (s) | {t['capture64']:.1f} | {t['capture32']:.1f} | |",
-        f"| accumulator GEMMs alone (s) | {t['gemm64']:.1f} | {t['gemm32']:.1f} | |",
+        f"| accumulator GEMMs alone, each accumulator its own rows (s) | {t['gemm64']:.1f} | {t['gemm32']:.1f} | |",
+        f"| the same GEMMs on one set of rows per width, cache-warm (s) | {t['gemm64_shared']:.1f} | | |",
         f"| peft CorDA collection (s) | {t['peft']:.1f} | {t['peft']:.1f} | |",
         f"| of which: its forwards, one unpadded sequence per call, without hooks (s) | {t['forward1']:.1f} | "
         f"{t['forward1']:.1f} | |",
         f"| (1) capture / forward | {r1_64[0]:.2f} ({r1_64[1]:.2f}) | {r1_32[0]:.2f} ({r1_32[1]:.2f}) | |",
         f"| (2) capture / (forward + GEMMs) | {r2_64[0]:.3f} ({r2_64[1]:.3f}) | {r2_32[0]:.3f} ({r2_32[1]:.3f}) | "
         f"<= 1.15: {ok(max(r2_64) <= 1.15)} / {ok(max(r2_32) <= 1.15)} |",
+        f"| (2) against the cache-warm GEMMs | {r2_shared[0]:.3f} ({r2_shared[1]:.3f}) | | |",
         f"| (3) peft time / capture time | {r3_64[0]:.2f}x ({r3_64[1]:.2f}x) | {r3_32[0]:.2f}x ({r3_32[1]:.2f}x) | "
         f">= 3x: {ok(min(r3_64) >= 3)} / {ok(min(r3_32) >= 3)} |",
         "",
         "Ratios: of the summed times, and in parentheses the median over batches of the per-batch ratio (robust "
         "to load spikes from other processes); a target counts as met only if both meet it. The capture times "
-        "include opening the hooks, removing them and the final `moments()`.",
+        "include opening the hooks, removing them and the final `moments()`. The GEMMs alone run the "
+        "accumulators' upper-block Gram products (`add_gram_upper_`) on random rows of the same shapes: each "
+        "accumulator on its own rows and into its own sum, as in capture, where each reads a different module's "
+        "input; the cache-warm row reuses one set per width, so every GEMM after the first of a width finds its "
+        f"operands in cache (it was this bench's baseline up to stop 8; {t['gemm64_shared']:.1f} s vs "
+        f"{t['gemm64']:.1f} s here).",
         "",
         f"What dominates: capture = forward + exact Gram GEMMs + the rest (masking, fp64 casts, O(d_in) sums, "
         f"hooks): {t['forward']:.1f} + {t['gemm64']:.1f} + {t['capture64'] - t['forward'] - t['gemm64']:.1f} s "

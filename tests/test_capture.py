@@ -4,9 +4,12 @@ sharing, hooks and modes restored, every batch form, and clear errors on bad inp
 from __future__ import annotations
 
 import copy
+from itertools import pairwise
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import covsvd
@@ -227,8 +230,21 @@ def test_token_rows_selects_real_rows_for_every_layout():
 
 def test_contiguous_runs_of_right_left_and_holed_masks():
     right_left = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]]).bool()
-    assert contiguous_runs(right_left) == [(0, 0, 2), (1, 2, 4), (3, 0, 4)]  # the all-padding row left out
+    assert contiguous_runs(right_left) == [(0, 2), (6, 8), (12, 16)]  # flat spans; the all-padding row left out
+    touching = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 1, 1], [1, 1, 1]]).bool()
+    assert contiguous_runs(touching) == [(0, 5), (7, 12)]  # a full-length sequence runs on into the next one
     assert contiguous_runs(torch.tensor([[1, 0, 1, 1]]).bool()) is None  # a hole inside a sequence
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=6))
+def test_contiguous_runs_cover_exactly_the_real_positions(rows):
+    T = 6
+    mask = torch.tensor([[s <= t < s + n for t in range(T)] for s, n in rows])  # (B, T), one run per row
+    spans = contiguous_runs(mask)
+    flat = [i for a, b in spans for i in range(a, b)]
+    assert flat == mask.reshape(-1).nonzero().squeeze(1).tolist()  # in order, each real position once
+    assert all(a < b for a, b in spans) and all(x[1] < y[0] for x, y in pairwise(spans))  # none touch
 
 
 @pytest.mark.parametrize("mask", [[[1, 1, 0], [0, 1, 1]], [[1, 0, 1], [1, 1, 1]], [[1, 1, 1], [1, 1, 1]],

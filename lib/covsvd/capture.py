@@ -80,7 +80,7 @@ class TokenRows:
     def __init__(self, mask: torch.Tensor | None) -> None:
         self.shape: tuple[int, int] | None = None
         self.padded = False  # some token of the batch is padding
-        self.runs: list[tuple[int, int, int]] | None = None  # (b, start, stop) per sequence, when contiguous
+        self.runs: list[tuple[int, int]] | None = None  # [start, stop) spans of the B*T positions, when contiguous
         self.index: torch.Tensor | None = None  # (n_real,) flat indices into B*T, only when runs is None
         self.n_real: int | None = None
         if mask is None:
@@ -121,9 +121,9 @@ class TokenRows:
             if self.runs is None:  # a hole inside some sequence: gather (a new tensor), then cast
                 return _cast(x.reshape(B * T, d).index_select(0, self.index), dtype, scratch)
             out = _empty(self.n_real, d, dtype, x.device, scratch)  # (N, d_in)
-            x3, at = x.reshape(B, T, d), 0
-            for b, start, stop in self.runs:  # copy_ casts as it copies (torch.cat(out=) would cast via temporaries)
-                out[at : at + stop - start].copy_(x3[b, start:stop])
+            flat, at = x.reshape(B * T, d), 0
+            for start, stop in self.runs:  # copy_ casts as it copies (torch.cat(out=) would cast via temporaries)
+                out[at : at + stop - start].copy_(flat[start:stop])
                 at += stop - start
             return out
         if lead == (B,):
@@ -173,16 +173,28 @@ def _cast(x: torch.Tensor, dtype: torch.dtype, scratch: RowBuffers | None) -> to
     return _empty(x.shape[0], x.shape[1], dtype, x.device, scratch).copy_(x)
 
 
-def contiguous_runs(mask: torch.Tensor) -> list[tuple[int, int, int]] | None:
-    """``[(b, start, stop), ...]``: the real tokens of each sequence of a bool ``mask`` ``(B, T)`` as one run
-    ``mask[b, start:stop]`` (sequences without real tokens left out); ``None`` if some row has a hole."""
+def contiguous_runs(mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """``[(start, stop), ...]``: the real tokens of a bool ``mask`` ``(B, T)`` as spans ``[start, stop)`` of its
+    flattened ``B*T`` positions, one per sequence, and neighbours that touch merged into one (a full-length
+    sequence touches the next one's first token): fewer, longer copies. Sequences without real tokens are
+    left out. ``None`` if some sequence has a hole (its real tokens are not one contiguous run)."""
+    B, T = mask.shape
     lengths = mask.sum(1)  # (B,)
     start = mask.to(torch.uint8).argmax(1)  # (B,) first real token (0 for an all-padding row)
-    pos = torch.arange(mask.shape[1], device=mask.device)  # (T,)
+    pos = torch.arange(T, device=mask.device)  # (T,)
     inside = (pos >= start[:, None]) & (pos < (start + lengths)[:, None])  # (B, T)
     if not torch.equal(inside, mask):
         return None
-    return [(b, s, s + n) for b, (s, n) in enumerate(zip(start.tolist(), lengths.tolist(), strict=True)) if n > 0]
+    spans: list[tuple[int, int]] = []
+    for b, (s, n) in enumerate(zip(start.tolist(), lengths.tolist(), strict=True)):
+        if n == 0:
+            continue
+        lo, hi = b * T + s, b * T + s + n
+        if spans and spans[-1][1] == lo:
+            spans[-1] = (spans[-1][0], hi)
+        else:
+            spans.append((lo, hi))
+    return spans
 
 
 class SharedInputs:
