@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import os
 import platform
@@ -148,6 +149,23 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_heap() -> dict | None:
+    """glibc's ``mallinfo2()`` (glibc >= 2.33), all arenas: KiB in use (allocated chunks plus mmap'd blocks)
+    and KiB free but still held by malloc (resident unless trimmed); ``None`` without it."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    m = fn()
+    return {"in_use_kib": (m.uordblks + m.hblkhd) // 1024, "held_free_kib": m.fordblks // 1024}
+
+
 REPEATED = "glibc default, the small run's batches repeated"
 MALLOC_SETTINGS = {
     "glibc default": {},
@@ -174,14 +192,15 @@ def memory_child(mode: str, tokens: int, repeat_of: int = 0) -> None:
     with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
         f.write("5")
     before = _status_kib("VmRSS")
+    moments = None
     if mode == "capture":
-        covsvd.capture_moments(model, batches, progress=False)
+        moments = covsvd.capture_moments(model, batches, progress=False)  # kept alive for the heap reading
     else:
         with torch.no_grad():
             for b in batches:
                 model(**b)
     print(json.dumps({"tokens": covsvd.count_tokens(batches), "before_kib": before,
-                      "peak_kib": _status_kib("VmHWM")}))
+                      "peak_kib": _status_kib("VmHWM"), "heap": malloc_heap(), "moments": len(moments or ())}))
 
 
 def memory_run(mode: str, tokens: int, env: dict, repeat_of: int = 0) -> dict:
@@ -197,7 +216,10 @@ def memory_cell(mode: str, tokens: int, env: dict, repeats: int, repeat_of: int 
     heap fragments differs), so one run per cell is not a measurement."""
     runs = [memory_run(mode, tokens, env, repeat_of) for _ in range(repeats)]
     peaks = sorted(r["peak_kib"] for r in runs)
-    return {"tokens": runs[0]["tokens"], "peaks": peaks, "peak_kib": peaks[len(peaks) // 2]}
+    heap = None
+    if all(r["heap"] for r in runs):  # medians of the glibc heap readings at the end of the run
+        heap = {k: sorted(r["heap"][k] for r in runs)[len(runs) // 2] for k in runs[0]["heap"]}
+    return {"tokens": runs[0]["tokens"], "peaks": peaks, "peak_kib": peaks[len(peaks) // 2], "heap": heap}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,6 +378,26 @@ def main() -> None:
     def ok(good: bool) -> str:
         return "met" if good else "**missed**"
 
+    def heap_lines() -> list[str]:
+        """Where the RSS goes under glibc's default malloc: in use vs free-but-held, at the end of each run."""
+        rows = [(setting, mode, cell) for setting in ("glibc default", REPEATED) for mode in ("forward", "capture")
+                for cell in mem[(setting, mode)] if cell["heap"]]
+        if not rows:
+            return []
+        return [
+            "",
+            "glibc's heap at the end of each run under the default malloc (`mallinfo2()`, all arenas, median of the "
+            "processes, MiB): *in use* is what is allocated (chunks and mmap'd blocks: model, batches, and for "
+            "capture its returned moments), *held free* is memory malloc keeps resident after it was freed "
+            "(fragmentation); RSS growth that is not in *in use* is the allocator's, not the data's:",
+            "",
+            "| run | mode | real tokens | in use | held free |",
+            "|---|---|---:|---:|---:|",
+            *[f"| {setting} | {mode} | {c['tokens']:,} | {c['heap']['in_use_kib'] / 1024:.0f} | "
+              f"{c['heap']['held_free_kib'] / 1024:.0f} |" for setting, mode, c in rows],
+            "",
+        ]
+
     if args.memory_repeats > 0:
         mem_lines = [
             "Peak memory: a fresh process per cell loads the model, builds the batches and runs one plain forward; "
@@ -379,6 +421,7 @@ def main() -> None:
               f"{100 * growth(setting, 'capture'):+.1f}% (target < 10%: {ok(growth(setting, 'capture') < 0.10)}), "
               f"plain forwards {100 * growth(setting, 'forward'):+.1f}%."
               for setting in (*MALLOC_SETTINGS, REPEATED)],
+            *heap_lines(),
         ]
     else:
         mem_lines = ["Peak memory: not measured in this run (`--memory-repeats 0`).", ""]
