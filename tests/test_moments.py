@@ -36,10 +36,12 @@ def test_blocked_upper_gram_mirrored_equals_full_product(n, d, block, seed):
     x = rows(n, d, seed, torch.float64)
     out = torch.zeros(d, d, dtype=torch.float64)
     add_gram_upper_(out, x, block)
+    edges = block_edges(d, block)
+    for bi, (i0, i1) in enumerate(edges):  # below the diagonal blocks: not touched until mirrored
+        assert not out[i1:, i0:i1].any(), (bi, edges)
     mirror_lower_(out, block)
     assert torch.equal(out, out.T)
     assert rel(out, x.T @ x) <= 1e-14
-    edges = block_edges(d, block)
     assert edges[0][0] == 0 and edges[-1][1] == d and all(a[1] == b[0] for a, b in zip(edges, edges[1:], strict=False))
 
 

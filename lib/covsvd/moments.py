@@ -25,8 +25,9 @@ about 1.8x faster than fp64 ones, which makes the whole capture ~20% faster (29.
 matrix is off by ~1e-7 relative and the smallest eigenvalues by up to 3e-2 (condition numbers reach 6e8) -- and the
 orientation code whitens with ``C^{-1/2}``. Exactness wins the default; ``"float32"`` is one argument away.
 
-Only the upper block triangle of ``x^T x`` is multiplied (the matrix is symmetric); the lower blocks
-are mirrored once, when the accumulator is turned into a :class:`SecondMoment`.
+Only the upper block triangle of ``x^T x`` is multiplied (the matrix is symmetric), one GEMM per panel of
+rows (:func:`add_gram_upper_`, widths from :func:`gram_block`); the lower blocks are mirrored once, when the
+accumulator is turned into a :class:`SecondMoment`.
 """
 
 from __future__ import annotations
@@ -38,18 +39,20 @@ import torch
 
 KINDS = ("full", "diag")
 ACCUMULATE = ("float64", "float32")
-# Block width of the upper-triangular Gram product: k blocks skip (k - 1) / 2k of the multiply-adds, but
-# narrow blocks make slower GEMMs. Measured on CPU (2 threads, N = 2000 rows): d_in = 384 is fastest in two
-# blocks of 192 (fp64 6.6 ms vs 7.9 whole; fp32 3.6 vs 4.7), d_in = 1536 in four of 384 (fp64 79 ms vs 123
-# whole and 90 for 512; fp32 48 vs 76).
-GRAM_BLOCK_TARGET = 384
+# Panel width of the upper-triangular Gram product (see add_gram_upper_): k panels skip (k - 1) / 2k of the
+# multiply-adds, but narrow panels make slower GEMMs. Measured on CPU (MKL, 2 threads, fp64, N = 1325 rows,
+# median of 15-25): d_in 384 in panels of 128: 1.67 ms (96: 1.63, 192: 1.84; the earlier 2 x 2 blocks of 192:
+# 1.91; one GEMM 2.33); d_in 768: 128: 6.5 ms (256: 7.1; blocks of 384: 7.8); d_in 1536: 256: 22.9 ms (384:
+# 23.0; blocks of 384: 24.5; one GEMM 35.2); d_in 3584: 256-512: 118-119 ms (blocks of 399: 146). fp32 alike.
+GRAM_PANEL_NARROW, GRAM_PANEL_WIDE = 128, 256  # below / from d_in 1024
 
 
 def gram_block(d: int) -> int:
-    """Block width for a ``d``-column Gram product: one block up to 256, else ~``d / round(d / 384)``, >= 2 blocks."""
+    """Panel width for a ``d``-column Gram product: one panel up to 256 columns, else about 128 (below 1024
+    columns) or 256 wide, in equal panels (``ceil(d / k)``, ``k >= 2``)."""
     if d <= 256:
         return d
-    k = max(2, round(d / GRAM_BLOCK_TARGET))
+    k = max(2, round(d / (GRAM_PANEL_NARROW if d < 1024 else GRAM_PANEL_WIDE)))
     return -(-d // k)
 
 
@@ -78,19 +81,17 @@ def block_edges(d: int, block: int) -> list[tuple[int, int]]:
 def add_gram_upper_(out: torch.Tensor, x: torch.Tensor, block: int | None = None) -> None:
     """``out[I, J] += x[:, I]^T x[:, J]`` for the blocks ``I <= J`` of the upper block triangle.
 
-    ``out``: ``(d, d)`` fp64. ``x``: ``(N, d)``, fp64 (fp64 GEMM, accumulated into ``out`` by ``addmm_``)
-    or fp32 (fp32 GEMM per block, then added into fp64 ``out``). Blocks below the diagonal are not
-    touched: call :func:`mirror_lower_` once at the end.
+    One GEMM per panel of rows: ``out[I, I_start:] += x[:, I]^T x[:, I_start:]`` (fewer, wider GEMMs than one
+    per block; see ``gram_block``). ``out``: ``(d, d)`` fp64. ``x``: ``(N, d)``, fp64 (fp64 GEMM, accumulated
+    into ``out`` by ``addmm_``) or fp32 (fp32 GEMM per panel, then added into fp64 ``out``). Blocks below the
+    diagonal are not touched: call :func:`mirror_lower_` once at the end.
     """
-    edges = block_edges(x.shape[1], block or gram_block(x.shape[1]))
-    for bi, (i0, i1) in enumerate(edges):
-        xi = x[:, i0:i1]  # (N, bi)
-        for j0, j1 in edges[bi:]:
-            target = out[i0:i1, j0:j1]  # (bi, bj) view of the fp64 sum
-            if x.dtype == torch.float64:
-                target.addmm_(xi.T, x[:, j0:j1])
-            else:
-                target.add_(xi.T @ x[:, j0:j1])
+    for i0, i1 in block_edges(x.shape[1], block or gram_block(x.shape[1])):
+        target = out[i0:i1, i0:]  # (b, d - i0) view of the fp64 sum: the diagonal block and those right of it
+        if x.dtype == torch.float64:
+            target.addmm_(x[:, i0:i1].T, x[:, i0:])
+        else:
+            target.add_(x[:, i0:i1].T @ x[:, i0:])
 
 
 def mirror_lower_(out: torch.Tensor, block: int | None = None) -> torch.Tensor:
