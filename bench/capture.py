@@ -5,7 +5,9 @@ Measures, side by side in one run (see bench/results/capture.md for a recorded t
   2. capture time / (forward time + time of the same accumulator GEMMs run alone): the arithmetic limit;
   3. peft's CorDA covariance collection (peft.tuners.lora.corda.calib_cov_distribution, one unpadded
      sequence per call, as it requires) on the same real tokens: time ratio and agreement of the matrices;
-  4. peak memory (VmHWM of fresh subprocesses, reset just before the capture) at 10k and 100k tokens.
+  4. peak memory (VmHWM of fresh subprocesses, reset just before the capture) at 10k and 100k tokens, under
+     glibc's default malloc and a fixed mmap threshold (RSS = live memory), and with the 10k run's batches
+     repeated; glibc's heap in use vs held free (mallinfo2) at the end of each run.
 Also the error of accumulate="float32" against the float64 default.
 
 Timing method: the machine may be shared, so every method is timed on each batch in turn (order rotated

@@ -21,9 +21,10 @@ The O(d_in) sums (``x`` and ``|x|``) are fp64 in both modes: for fp64 rows a BLA
 (:func:`add_column_sums_`), for fp32 rows a column sum accumulated in fp64.
 
 Chosen by measurement (``bench/capture.py``, default model, 131k tokens, 2 CPU threads): fp32 GEMMs run
-about 1.8x faster than fp64 ones, which makes the whole capture ~20% faster (29.7 s vs 37.3 s), but the
-matrix is off by ~1e-7 relative and the smallest eigenvalues by up to 3e-2 (condition numbers reach 6e8) -- and the
-orientation code whitens with ``C^{-1/2}``. Exactness wins the default; ``"float32"`` is one argument away.
+about 1.7x faster than fp64 ones (10.6 s vs 18.2 s), which makes the whole capture ~13% faster (28.7 s vs
+33.1 s), but the matrix is off by ~1e-7 relative and the smallest eigenvalues by up to 3e-2 (condition numbers
+reach 6e8) -- and the orientation code whitens with ``C^{-1/2}``. Exactness wins the default; ``"float32"`` is
+one argument away.
 
 Only the upper block triangle of ``x^T x`` is multiplied (the matrix is symmetric), one GEMM per panel of
 rows (:func:`add_gram_upper_`, widths from :func:`gram_block`); the lower blocks are mirrored once, when the
