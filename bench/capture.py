@@ -194,15 +194,14 @@ def memory_child(mode: str, tokens: int, repeat_of: int = 0) -> None:
     with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
         f.write("5")
     before = _status_kib("VmRSS")
-    moments = None
     if mode == "capture":
-        moments = covsvd.capture_moments(model, batches, progress=False)  # kept alive for the heap reading
+        moments = covsvd.capture_moments(model, batches, progress=False)  # noqa: F841 (alive for the heap reading)
     else:
         with torch.no_grad():
             for b in batches:
                 model(**b)
     print(json.dumps({"tokens": covsvd.count_tokens(batches), "before_kib": before,
-                      "peak_kib": _status_kib("VmHWM"), "heap": malloc_heap(), "moments": len(moments or ())}))
+                      "peak_kib": _status_kib("VmHWM"), "heap": malloc_heap()}))
 
 
 def memory_run(mode: str, tokens: int, env: dict, repeat_of: int = 0) -> dict:
