@@ -357,7 +357,7 @@ class MomentAccumulator:
         _check_choice("kind", kind, KINDS)
         _check_choice("accumulate", accumulate, ACCUMULATE)
         self.kind, self.accumulate, self.d_in = kind, accumulate, d_in
-        self.block = block or gram_block(d_in)  # the Gram product's block width (see gram_block)
+        self.block = block or gram_block(d_in)  # the Gram product's panel width (see gram_block)
         self.sums: SecondMoment | None = SecondMoment.zeros(d_in, kind, device=device)
         self.sums.accumulate = accumulate
         self.dtype = gram_dtype(accumulate)
