@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 
 import polars as pl
 
-from covsvd.plotting import NAME_PATTERN
+from covsvd.lab.plotting import NAME_PATTERN
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "figures"

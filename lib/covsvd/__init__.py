@@ -4,50 +4,65 @@
     model, tokenizer = covsvd.load_default_model()          # embedded all-MiniLM-L6-v2, offline
     batches = covsvd.calibration_batches(tokenizer)          # pydoc_data.topics, train split
     moments = covsvd.capture_moments(model, batches)         # {module name: SecondMoment}
-    o = covsvd.orient(W, moments[name], r=64, metric="full", eps=1e-3)
+    o = covsvd.orient(W, moments[name], r=64, metric="full")
     covsvd.attach_adapters(model, moments, r=64, metric="diag")
 
-One concept per module: ``corpus`` (text -> batches), ``models`` (offline loading), ``targets`` (which
-modules, Conv1D boundary), ``moments`` (the running sums), ``capture`` (hooks), ``io`` (safetensors files),
-``orient`` (the algebra, pure tensors), ``rotation`` (Cayley), ``adapter`` (the bounded-gain layer).
+The core, one concept per module: ``corpus`` (text -> batches), ``models`` (offline loading), ``targets``
+(which modules, the Conv1D boundary), ``moments`` / ``gram`` (the running sums), ``hooks`` / ``rows`` /
+``capture`` (capture), ``io`` / ``cache`` (moments files), ``damping`` / ``thinsvd`` / ``orient`` (the
+algebra, pure tensors), ``measures``, ``rotation`` (Cayley), ``layer`` (the bounded-gain layer), ``attach``
+and ``serialize`` (adapters on a model, and in files). It imports torch, safetensors, tqdm and transformers
+only; the research lab (``covsvd.lab``: ablations, sweeps, plotting, the notebook runner) sits beside it.
+The algebra is docs/algebra.md.
 """
 
-from .adapter import (
+from .attach import (
     AttachReport,
-    BoundedGainLinear,
+    adapter_parameters,
     adapters,
     attach_adapters,
     detach_adapters,
-    load_adapters,
-    save_adapters,
+    disable_adapters,
     trainable_parameters,
 )
-from .cache import cached_capture
-from .capture import capture_moments
+from .cache import cache_path, cached_capture
+from .capture import MomentCapture, capture_moments
 from .corpus import calibration_batches, count_tokens, passages
+from .damping import Damped, damp
 from .io import load_moments, save_moments
+from .layer import BoundedGainLinear
+from .measures import functional_error, identity_error, principal_angles
 from .models import default_model_path, load_default_model, load_model, model_identity
 from .moments import SecondMoment
-from .orient import Oriented, orient
+from .orient import METRICS, Oriented, orient
+from .serialize import load_adapters, save_adapters
 from .targets import find_targets, weight_matrix
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
+    "METRICS",
     "AttachReport",
-    "adapters",
-    "trainable_parameters",
     "BoundedGainLinear",
+    "Damped",
+    "MomentCapture",
     "Oriented",
     "SecondMoment",
+    "__version__",
+    "adapter_parameters",
+    "adapters",
     "attach_adapters",
+    "cache_path",
     "cached_capture",
     "calibration_batches",
     "capture_moments",
     "count_tokens",
+    "damp",
     "default_model_path",
     "detach_adapters",
+    "disable_adapters",
     "find_targets",
+    "functional_error",
+    "identity_error",
     "load_adapters",
     "load_default_model",
     "load_model",
@@ -55,7 +70,9 @@ __all__ = [
     "model_identity",
     "orient",
     "passages",
+    "principal_angles",
     "save_adapters",
     "save_moments",
+    "trainable_parameters",
     "weight_matrix",
 ]

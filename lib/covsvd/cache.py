@@ -1,27 +1,26 @@
-"""Capture once, reuse everywhere: ``cached_capture`` keys a moments file by exactly what produced it.
+"""Capture once, reuse everywhere: :func:`cached_capture` keys a moments file by exactly what produced it.
 
-The key hashes the model's identity (parameter names and shapes) and a digest of its weights, the batch
-contents (every ``input_ids`` / ``attention_mask`` byte), ``kind``, ``targets``, the accumulation precision
-and the covsvd version. Any change to any of them is a different file, so a cache hit is the same
-moments a fresh capture would give (fp64 sums, written and checked by :mod:`covsvd.io`).
+The key (:func:`cache_path`) hashes the model's identity (parameter names and shapes) and every number of its
+state dict, the batch contents (every tensor's bytes), ``kind``, ``targets``, the accumulation precision and
+the covsvd version. Any change to any of them is a different file, so a cache hit is the same moments a fresh
+capture would give (fp64 sums, written atomically and checked on load by :mod:`covsvd.io`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .capture import capture_moments
+from .digest import batches_digest, json_digest, state_digest
 from .io import load_moments, save_moments
 from .models import model_identity
 from .moments import SecondMoment
 from .targets import TargetSpec
+from .version import __version__
 
 
 def default_cache_dir() -> Path:
@@ -30,38 +29,26 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "covsvd"
 
 
-def _weights_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().to("cpu", torch.float32).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def model_key(model: nn.Module) -> str:
+    """What identifies a model's *numbers*: its structural fingerprint (:func:`covsvd.model_identity`) and 16 hex
+    digits of SHA-256 over every state-dict tensor, so two checkpoints of one architecture never share a key."""
+    return f"{model_identity(model)['fingerprint']}-{state_digest(model)[:16]}"
 
 
-def _batches_digest(batches: list) -> str:
-    h = hashlib.sha256()
-    for b in batches:
-        items = b.items() if isinstance(b, dict) else enumerate(b if isinstance(b, (tuple, list)) else [b])
-        for k, v in items:
-            h.update(str(k).encode())
-            if isinstance(v, torch.Tensor):
-                h.update(f"{v.dtype}{tuple(v.shape)}".encode())
-                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            else:
-                h.update(repr(v).encode())
-    return h.hexdigest()
-
-
-def cache_key(model: nn.Module, batches: list, kind: str, targets: TargetSpec, accumulate: str) -> str:
-    from . import __version__
-
+def _targets_spec(targets: TargetSpec):
     if callable(targets) and not isinstance(targets, str):
         raise ValueError("cached_capture cannot key a predicate `targets`; pass names or a regex")
     spec = targets.pattern if hasattr(targets, "pattern") else targets
-    spec = sorted(spec) if isinstance(spec, Iterable) and not isinstance(spec, str) else spec
-    key = dict(model=model_identity(model), weights=_weights_digest(model), data=_batches_digest(batches),
-               kind=kind, targets=spec, accumulate=accumulate, version=__version__)
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return sorted(spec) if isinstance(spec, Iterable) and not isinstance(spec, str) else spec
+
+
+def cache_path(model: nn.Module, batches: Sequence, targets: TargetSpec = None, kind: str = "full",
+               accumulate: str = "float64", cache_dir: str | os.PathLike | None = None) -> Path:
+    """The file :func:`cached_capture` reads or writes for these arguments (it need not exist)."""
+    key = dict(model=model_key(model), data=batches_digest(batches), kind=kind, targets=_targets_spec(targets),
+               accumulate=accumulate, version=__version__)
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return directory / f"moments-{json_digest(key, 24)}.safetensors"
 
 
 def cached_capture(
@@ -74,21 +61,16 @@ def cached_capture(
     accumulate: str = "float64",
     cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, SecondMoment]:
-    """:func:`covsvd.capture_moments`, read from / written to ``cache_dir`` (default :func:`default_cache_dir`).
+    """:func:`covsvd.capture_moments`, read from / written to :func:`cache_path` (``cache_dir`` default
+    :func:`default_cache_dir`).
 
-    ``batches`` is materialised into a list (it is hashed, then captured). Returns what
-    ``capture_moments`` returns; ``cached_capture.last_path`` holds the file used.
+    ``batches`` is materialised into a list (it is hashed, then captured). Returns what ``capture_moments``
+    returns. Raises ``ValueError`` for a predicate ``targets`` (a function cannot be keyed).
     """
     batches = list(batches)
-    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = directory / f"moments-{cache_key(model, batches, kind, targets, accumulate)}.safetensors"
-    cached_capture.last_path = path
+    path = cache_path(model, batches, targets, kind, accumulate, cache_dir)
     if path.is_file():
         return load_moments(path, model=model)
     moments = capture_moments(model, batches, targets=targets, kind=kind, progress=progress, accumulate=accumulate)
-    directory.mkdir(parents=True, exist_ok=True)
     save_moments(path, moments, model=model)
     return moments
-
-
-cached_capture.last_path = None

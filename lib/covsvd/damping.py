@@ -4,7 +4,7 @@
 :class:`Damped` applies what is needed (``X F``, ``Y F^{-1}``, ``X M``, ``Y M^{-1}``, with ``F F^T = M``):
 
 * ``"diag"`` (a ``(d,)`` vector c): ``m = clamp_min(c, 0) + eps``, ``F = diag(sqrt m)``. Exact clamp.
-* ``"eigh"``: ``C = Q diag(lam) Q^T``, ``lam <- clamp_min(lam, 0) + eps`` (the DESIGN.md definition),
+* ``"eigh"``: ``C = Q diag(lam) Q^T``, ``lam <- clamp_min(lam, 0) + eps`` (the definition, docs/algebra.md),
   ``F = Q diag(sqrt lam)``. ``cond(M)`` is exact. Costs an eigh (fp32 3584^2: ~3 s on 2 cores).
 * ``"cholesky"``: ``M = C + eps I = L L^T``, ``F = L``. About 15x cheaper than eigh, but it does **not**
   clamp: it factors ``C + eps I`` as given. For a second moment summed as ``X^T X`` (every
@@ -16,7 +16,7 @@
 
 ``F`` differs between solvers (``Q diag(sqrt lam)`` vs ``L``) by an orthogonal factor on the right
 (``L = M^{1/2} G``, G orthogonal), so ``svd(W F)`` has the same U and S for both, and ``Vh F^{-1}`` is
-the same P (DESIGN.md, "Cholesky whitening").
+the same P (docs/algebra.md, "Orientation by a metric").
 
 Every decomposition runs in ``dtype`` (fp64 by default). Lanczos keeps its tridiagonal in fp64.
 """
@@ -148,10 +148,6 @@ class Damped:
             return ((Y @ self.Q) / self.m) @ self.Q.T
         Z = torch.linalg.solve_triangular(self.L.T, Y, upper=True, left=False)  # Z L^T = Y
         return self.factor_inv(Z)  # Z L^{-1} = Y L^{-T} L^{-1} = Y M^{-1}
-
-    def quad(self, E: torch.Tensor) -> torch.Tensor:
-        """``tr(E M E^T) = ||E M^{1/2}||_F^2`` (fp of M's dtype)."""
-        return (self.mul(E) * E).sum()
 
     # ----------------------------------------------------------------- dense forms (for notebooks)
     def matrix(self) -> torch.Tensor:

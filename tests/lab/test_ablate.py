@@ -15,7 +15,7 @@ from dataclasses import replace
 import polars as pl
 import pytest
 
-from covsvd import ablate as ab
+from covsvd.lab import ablate as ab
 
 # ------------------------------------------------------------------------------------------ row file
 

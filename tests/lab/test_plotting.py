@@ -13,7 +13,7 @@ import polars as pl  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-from covsvd import plotting as cp  # noqa: E402
+from covsvd.lab import plotting as cp  # noqa: E402
 
 
 def _figure():

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .damping import Damped
+from ..damping import Damped
 
 F64 = torch.float64
 

@@ -12,7 +12,7 @@ from covsvd import SecondMoment
 from covsvd.damping import damp
 from covsvd.measures import functional_error
 from covsvd.orient import orient
-from covsvd.teaching import identity_error, literal_eigh_whitening, store_factors, truncation_curve
+from covsvd.lab.teaching import identity_error, literal_eigh_whitening, store_factors, truncation_curve
 
 F64 = torch.float64
 

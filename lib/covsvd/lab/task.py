@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .corpus import Passage, passages
+from ..corpus import Passage, passages
 
 HOLDOUTS = ("heldout", "validation")
 LOSSES = ("pairs", "prototypes")

@@ -8,16 +8,18 @@ import pytest
 import torch
 
 import covsvd
-from covsvd.cache import cache_key
+from covsvd.cache import cache_path
 
 
 def test_hit_equals_fresh_capture(bert_tiny, make_batches, tmp_path):
     batches = make_batches([[5, 3], [7, 2]])
+    path = covsvd.cache_path(bert_tiny, batches, cache_dir=tmp_path)
+    assert not path.exists()
     first = covsvd.cached_capture(bert_tiny, batches, cache_dir=tmp_path, progress=False)
-    path = covsvd.cached_capture.last_path
     assert path.is_file() and path.parent == tmp_path
+    mtime = path.stat().st_mtime_ns
     again = covsvd.cached_capture(bert_tiny, batches, cache_dir=tmp_path, progress=False)
-    assert covsvd.cached_capture.last_path == path
+    assert path.stat().st_mtime_ns == mtime and list(tmp_path.iterdir()) == [path]  # a hit writes nothing
     fresh = covsvd.capture_moments(bert_tiny, batches, progress=False)
     assert set(again) == set(fresh)
     for name in fresh:
@@ -25,6 +27,10 @@ def test_hit_equals_fresh_capture(bert_tiny, make_batches, tmp_path):
         assert torch.equal(again[name].sum_xx, fresh[name].sum_xx)
     q, k = "encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key"
     assert again[q] is again[k]  # sharing survives the round trip
+
+
+def cache_key(model, batches, kind, targets, accumulate):
+    return cache_path(model, batches, targets, kind, accumulate, cache_dir=".").name
 
 
 def test_key_changes_with_data_weights_kind_and_targets(bert_tiny, make_batches):

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from covsvd.corpus import passages
-from covsvd.task import (
+from covsvd.lab.task import (
     RetrievalTask,
     TaskConfig,
     contrastive_loss,
@@ -203,7 +203,7 @@ def test_evaluate_does_not_depend_on_batching_and_restores_the_mode(tokenizer, t
 
 
 def test_a_passage_embeds_the_same_alone_and_in_a_padded_batch(task, tiny):
-    from covsvd.task import embed
+    from covsvd.lab.task import embed
 
     rows = [task._train_ids[i] for i in range(6)]
     with torch.no_grad():

@@ -26,10 +26,10 @@ from collections.abc import Sequence
 import polars as pl
 import torch
 
-from .damping import Damped, resolve_eps
-from .measures import principal_angles
-from .moments import SecondMoment
-from .orient import Oriented, orient
+from ..damping import Damped, resolve_eps
+from ..measures import principal_angles
+from ..moments import SecondMoment
+from ..orient import Oriented, orient
 
 F64 = torch.float64
 MetricLike = None | torch.Tensor | Damped | SecondMoment

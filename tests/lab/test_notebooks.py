@@ -15,8 +15,8 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 import covsvd
-from covsvd.figures import NOTEBOOK_GLOB, NotebookError, find_notebooks, run_notebook
-from covsvd.plotting import NAME_PATTERN
+from covsvd.lab.figures import NOTEBOOK_GLOB, NotebookError, find_notebooks, run_notebook
+from covsvd.lab.plotting import NAME_PATTERN
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob(NOTEBOOK_GLOB))
@@ -85,7 +85,7 @@ def test_runner_full_mode_writes_back_and_drops_stale_figures(tmp_path: Path):
         stale.write_text("old")
     nb = _write(
         tmp_path / "97_ok.ipynb",
-        "import os\nfrom covsvd import plotting as cp\nimport matplotlib.pyplot as plt\n"
+        "import os\nfrom covsvd.lab import plotting as cp\nimport matplotlib.pyplot as plt\n"
         "print(os.environ['COVSVD_QUICK'], cp.quick(), os.getcwd())",
         "fig, ax = plt.subplots()\nax.plot([1, 2], [3, 4])\ncp.save_figure(fig, '97_line', {'x': [1, 2], 'y': [3.0, 4.0]})",
     )

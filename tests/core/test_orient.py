@@ -21,7 +21,7 @@ from covsvd.damping import COND_STEPS, damp, lanczos_max
 from covsvd.measures import functional_error, principal_angles
 from covsvd.orient import METRICS, orient
 from covsvd.thinsvd import truncated_svd
-from covsvd.whitening import whiten_cholesky
+from covsvd.lab.whitening import whiten_cholesky
 
 FAST = settings(max_examples=30, deadline=None)
 F64 = torch.float64

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import covsvd
-from covsvd.capture import InputHooks, RowBuffers, TokenRows, contiguous_runs
+from covsvd.hooks import InputHooks
+from covsvd.rows import RowBuffers, TokenRows, contiguous_runs
 
 TOL = 1e-10  # relative, fp64 accumulation vs fp64 brute force (the bound)
 

@@ -18,7 +18,7 @@ from covsvd import SecondMoment
 from covsvd.damping import damp
 from covsvd.measures import functional_error, principal_angles
 from covsvd.orient import orient
-from covsvd.sweeps import damped_cond, eps_sweep, identity_error, output_energy, truncation_errors
+from covsvd.lab.sweeps import damped_cond, eps_sweep, identity_error, output_energy, truncation_errors
 
 F64 = torch.float64
 FAST = settings(max_examples=20, deadline=None)

@@ -402,7 +402,7 @@ def model_key(model) -> str:
     fingerprint (parameter names and shapes) plus a SHA-256 of every state-dict tensor's bytes, so two
     checkpoints of one architecture (``--model PATH``) never share rows or cached moments. ~0.2 s for
     all-MiniLM-L6-v2 (90 MB)."""
-    from .models import model_identity
+    from ..models import model_identity
 
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
@@ -570,7 +570,7 @@ def _ablate(arms, seeds, out, config, cache_dir, model_path, progress, hook, log
 
     import covsvd
 
-    from .models import model_identity
+    from ..models import model_identity
 
     say = log or (lambda s: None)
     config = config or AblationConfig()

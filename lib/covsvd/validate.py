@@ -1,0 +1,82 @@
+"""The second-moment checks shared by :func:`covsvd.orient` and :func:`covsvd.attach_adapters`: one definition of what a
+valid weight, rank and second moment are, and of the errors that say so (each names the layer and the fix).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check_finite
+from .moments import SecondMoment
+
+#: Every metric :func:`covsvd.orient` knows (module doc of :mod:`covsvd.orient`).
+METRICS = ("identity", "diag", "full", "corda", "asvd")
+#: The metrics that need the full ``(d_in, d_in)`` second moment.
+FULL_METRICS = ("full", "corda")
+#: ``max |C - C^T| / max |C|`` accepted for a tensor C (it is then symmetrised).
+SYMMETRY_TOL = 1e-5
+
+
+def moment_parts(C, metric: str, r: int, W_shape: tuple[int, int], prefix: str = ""):
+    """Validate a second moment for ``metric`` at rank ``r`` and return what orientation reads from it.
+
+    Args:
+        C: a :class:`~covsvd.SecondMoment`, a ``(d_in, d_in)`` tensor ``E[x x^T]``, a ``(d_in,)`` tensor
+            ``E[x_i^2]`` (diag / identity only), or ``None`` (identity only).
+        metric: one of :data:`METRICS`; W_shape: ``(d_out, d_in)`` of the weight; prefix: from :func:`where`.
+
+    Returns:
+        ``(matrix, diagonal, mean_abs, count)`` (each ``None`` when ``C`` does not provide it), tensors fp64
+        for a SecondMoment, in C's own dtype for a tensor.
+
+    Raises:
+        ValueError: a shape that does not fit ``W``, fewer than ``r`` tokens, a diag moment for a full
+            metric, NaN/inf, a non-symmetric matrix, a tensor for ``asvd`` (it needs ``E|x|``).
+        TypeError: ``C`` of another type.
+    """
+    d_in = W_shape[1]
+    if C is None:
+        if metric != "identity":
+            raise ValueError(f"{prefix}metric={metric!r} needs a second moment C; only metric='identity' "
+                             "accepts C=None")
+        return None, None, None, None
+    if isinstance(C, SecondMoment):
+        if C.d_in != d_in:
+            raise ValueError(f"{prefix}W has shape {W_shape} (d_in={d_in}) but the SecondMoment has "
+                             f"d_in={C.d_in}: moments from another layer or model")
+        if metric != "identity" and C.count < r:
+            raise ValueError(f"{prefix}the SecondMoment saw {C.count} real tokens, fewer than r={r}; add "
+                             "calibration text (or lower r): C has rank < r, the extra directions would be arbitrary")
+        for key in ("sum_xx", "sum_x", "sum_abs"):
+            check_finite(getattr(C, key), f"SecondMoment.{key}", prefix)
+        if metric in FULL_METRICS and C.kind != "full":
+            raise ValueError(f"{prefix}metric={metric!r} needs the full (d_in, d_in) moment; this SecondMoment "
+                             "was captured with kind='diag': capture with kind='full' or use metric='diag'")
+        mat = C.matrix() if C.kind == "full" else None
+        return mat, C.diag(), C.mean_abs(), C.count
+    if not isinstance(C, torch.Tensor):
+        raise TypeError(f"{prefix}C is a {type(C).__name__}; expected covsvd.SecondMoment, a (d_in, d_in) "
+                        "tensor or a (d_in,) tensor")
+    if metric == "asvd":
+        raise ValueError(f"{prefix}metric='asvd' needs E|x_i| (SecondMoment.mean_abs()); pass the "
+                         "SecondMoment itself, not a tensor")
+    C = C.detach()
+    if C.dim() == 1:
+        if metric in FULL_METRICS:
+            raise ValueError(f"{prefix}metric={metric!r} needs the full (d_in, d_in) second moment; got a "
+                             f"({C.shape[0]},) vector: pass E[x x^T] or use metric='diag'")
+        if C.shape[0] != d_in:
+            raise ValueError(f"{prefix}W has shape {W_shape} but C has shape {tuple(C.shape)}; "
+                             f"expected ({d_in},)")
+        check_finite(C, "C", prefix)
+        return None, C, None, None
+    if C.dim() != 2 or tuple(C.shape) != (d_in, d_in):
+        raise ValueError(f"{prefix}W has shape {W_shape} but C has shape {tuple(C.shape)}; "
+                         f"expected ({d_in}, {d_in}) (or ({d_in},) for a diagonal metric)")
+    check_finite(C, "C", prefix)
+    scale = float(C.abs().max())
+    asym = float((C - C.T).abs().max())
+    if asym > SYMMETRY_TOL * scale:
+        raise ValueError(f"{prefix}C is not symmetric (max |C - C^T| = {asym:.3g}, max |C| = {scale:.3g}); "
+                         "pass the second moment E[x x^T]")
+    return C, C.diagonal(), None, None
