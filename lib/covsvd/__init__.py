@@ -28,7 +28,7 @@ from .attach import (
 from .cache import cache_path, cached_capture
 from .capture import MomentCapture, capture_moments
 from .corpus import calibration_batches, count_tokens, passages
-from .damping import Damped, damp
+from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp
 from .io import load_moments, save_moments
 from .layer import BoundedGainLinear
 from .measures import functional_error, identity_error, principal_angles
@@ -40,6 +40,8 @@ from .targets import find_targets, weight_matrix
 from .version import __version__
 
 __all__ = [
+    "DEFAULT_EPS",
+    "DEFAULT_EPS_MODE",
     "METRICS",
     "AttachReport",
     "BoundedGainLinear",

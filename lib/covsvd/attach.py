@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .damping import DEFAULT_EPS
+from .checks import check_choice
+from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
 from .digest import sampled_digest
 from .layer import BoundedGainLinear, rotate_arm
 from .measures import identity_error, max_relative_error
@@ -31,7 +32,6 @@ from .models import model_identity
 from .orient import orient
 from .rotation import a_limit, block_sizes
 from .targets import find_targets, in_out_features, weight_matrix
-from .checks import check_choice
 from .validate import METRICS, moment_parts
 
 
@@ -157,7 +157,7 @@ def attach_adapters(
     r: int,
     metric: str = "identity",
     eps: float = DEFAULT_EPS,
-    eps_mode: str = "absolute",
+    eps_mode: str = DEFAULT_EPS_MODE,
     coeff: float = 1.0,
     rotate: str | None = None,
     block_size: int = 4,

@@ -1,50 +1,24 @@
 """``python -m covsvd VERB ...`` (also the ``covsvd`` script).
 
-Verbs:
-    figures   execute the notebooks headless and rewrite figures/ (``make figures``)
+Core verbs:
     capture   capture activation second moments of a model and save them (safetensors)
-    ablate    the local CPU ablation sweep, resumable (``make ablations``; options in :mod:`covsvd.ablate`)
 
-Adding a verb: write ``add_<verb>(subparsers)`` that creates its parser and sets ``run=<function(args) -> int>``,
-then append it to :data:`VERBS`. Imports of heavy modules (torch, nbclient) go inside the run function so
-``--help`` stays instant.
+Verbs of installed extensions are found through the ``covsvd.cli`` entry-point group: each entry point names a
+function ``add(subparsers)`` that creates its parser and sets ``run=<function(args) -> int>``. The lab registers
+``figures`` and ``ablate`` this way (pyproject.toml), so this module never imports it.
+
+Adding a core verb: write ``add_<verb>(subparsers)`` and append it to :data:`VERBS`. Imports of heavy modules go
+inside the run function so ``--help`` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 
-# ------------------------------------------------------------------------------------------ figures
-
-
-def run_figures(args: argparse.Namespace) -> int:
-    from .figures import NotebookError
-    from .figures import run_figures as run
-
-    try:
-        run(only=args.only, quick=args.quick, timeout=args.timeout)
-    except NotebookError as e:
-        print(f"\ncovsvd figures: FAILED\n{e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def add_figures(sub) -> None:
-    p = sub.add_parser(
-        "figures",
-        help="execute every notebook headless and rewrite figures/ (PNG + SVG + data CSV)",
-        description="Execute notebooks/NN_*.ipynb in order in fresh python3 kernels (cwd notebooks/). Full mode "
-        "writes the executed notebooks back in place and figures into figures/ (or $COVSVD_FIGURES_DIR); "
-        "--quick sets COVSVD_QUICK=1, leaves notebooks/ untouched and writes into a temporary directory.",
-    )
-    p.add_argument("--quick", action="store_true", help="quick mode: fewer tokens/layers, temporary output")
-    p.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (prefixes: 03 05_abl ...)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="seconds allowed per notebook (default 600, quick 300)")
-    p.set_defaults(run=run_figures)
+ENTRY_POINTS = "covsvd.cli"
 
 
 # ------------------------------------------------------------------------------------------ capture
@@ -99,18 +73,14 @@ def add_capture(sub) -> None:
     p.set_defaults(run=run_capture)
 
 
-# ------------------------------------------------------------------------------------------ ablate
-
-
-def add_ablate(sub) -> None:
-    from .ablate import register_cli  # the verb's parser and run function live beside the sweep
-
-    register_cli(sub)
-
-
 # --------------------------------------------------------------------------------------------- main
 
-VERBS: list[Callable] = [add_figures, add_capture, add_ablate]
+VERBS: list[Callable] = [add_capture]
+
+
+def extension_verbs() -> list[Callable]:
+    """The ``add(subparsers)`` functions registered under the ``covsvd.cli`` entry-point group, by name."""
+    return [ep.load() for ep in sorted(entry_points(group=ENTRY_POINTS), key=lambda ep: ep.name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m covsvd", description="covsvd: covariance-oriented SVD initialisation of adapters."
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in VERBS:
+    for add in VERBS + extension_verbs():
         add(sub)
     return parser
 

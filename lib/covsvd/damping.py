@@ -37,6 +37,8 @@ import torch
 #: held-out functional error moves by <= 0.06% for eps <= 1e-3 (notebook 04). Use ``eps_mode="relative"``
 #: to put layers of different scale on one footing.
 DEFAULT_EPS = 1e-3
+#: The default meaning of ``eps`` (see :func:`resolve_eps`).
+DEFAULT_EPS_MODE = "absolute"
 EPS_MODES = ("absolute", "relative")
 SOLVERS = ("cholesky", "eigh")
 #: Lanczos steps for the cond(M) estimate on the Cholesky path (two runs: on M and on M^{-1}).
@@ -204,7 +206,7 @@ class Damped:
 def damp(
     C: torch.Tensor,
     eps: float = DEFAULT_EPS,
-    eps_mode: str = "absolute",
+    eps_mode: str = DEFAULT_EPS_MODE,
     solver: str = "eigh",
     dtype: torch.dtype = torch.float64,
     name: str | None = None,

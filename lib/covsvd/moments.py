@@ -31,7 +31,15 @@ from dataclasses import dataclass
 import torch
 
 from .checks import check_choice
-from .gram import ACCUMULATE, add_column_sums_, add_gram_upper_, gram_block, gram_dtype, mirror_lower_, square_sums
+from .gram import (
+    ACCUMULATE,
+    add_column_sums_,
+    add_gram_upper_,
+    gram_block,
+    gram_dtype,
+    mirror_lower_,
+    square_sums,
+)
 
 KINDS = ("full", "diag")
 

@@ -24,10 +24,10 @@ from typing import NamedTuple
 
 import torch
 
-from .damping import DEFAULT_EPS, EPS_MODES, SOLVERS, Damped, damp, resolve_eps
+from .checks import check_choice, check_rank, check_weight, where
+from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, EPS_MODES, SOLVERS, Damped, damp, resolve_eps
 from .measures import quad
 from .thinsvd import COMPONENTS, kept, truncated_svd
-from .checks import check_choice, check_rank, check_weight, where
 from .validate import FULL_METRICS, METRICS, moment_parts
 
 __all__ = ["METRICS", "Oriented", "orient"]
@@ -55,7 +55,7 @@ def orient(
     r: int,
     metric: str = "full",
     eps: float = DEFAULT_EPS,
-    eps_mode: str = "absolute",
+    eps_mode: str = DEFAULT_EPS_MODE,
     components: str = "top",
     *,
     solver: str = "cholesky",

@@ -1,6 +1,6 @@
 """Block-diagonal Cayley rotations of an r-dimensional basis, with a bounded angle.
 
-The map (DESIGN.md, "Rotation arms")::
+The map (docs/algebra.md, "Rotation arms")::
 
     A = skew(a_limit * tanh(theta / a_limit))      # (n_blocks, b, b), A^T = -A, one A per block
     R = (I - A/2)^{-1} (I + A/2)                    # torch.linalg.solve, never an explicit inverse

@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from covsvd import SecondMoment
+from covsvd import SecondMoment, identity_error
 from covsvd.damping import damp
+from covsvd.lab.teaching import literal_eigh_whitening, store_factors, truncation_curve
 from covsvd.measures import functional_error
 from covsvd.orient import orient
-from covsvd.lab.teaching import identity_error, literal_eigh_whitening, store_factors, truncation_curve
 
 F64 = torch.float64
 

@@ -352,3 +352,21 @@ def label_points(ax, x, y, labels, *, side="right", dx_points: float = 6.0, font
                 fontsize=fontsize, color=color, va="center", ha="left" if where == "right" else "right",
                 arrowprops=dict(arrowstyle="-", color="0.6", lw=0.6, shrinkA=0, shrinkB=3) if moved else None,
             )
+
+
+def plain_log(ax, axis: str = "y", subs: tuple[float, ...] | None = None) -> None:
+    """Label a log ``axis`` (``"x"`` or ``"y"``) of ``ax`` in plain numbers (``0.02``, not ``2 x 10^-2``).
+
+    Ticks at ``subs`` x 10^k; ``None`` chooses 1, 2, 5 x 10^k when the axis spans more than a decade and every
+    digit when it spans less (so a short axis still gets labels). Call after the limits are set."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    if axis not in ("x", "y"):
+        raise ValueError(f"axis={axis!r}; expected 'x' or 'y'")
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    if subs is None:
+        lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+        subs = (1.0, 2.0, 5.0) if hi / lo > 10 else tuple(float(k) for k in range(1, 10))
+    a.set_major_locator(LogLocator(base=10, subs=subs))
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_formatter(NullFormatter())

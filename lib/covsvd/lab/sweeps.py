@@ -5,7 +5,6 @@
 * :func:`output_energy`: ``tr(W M W^T)``, the denominator of those errors (compute once, share across metrics).
 * :func:`damped_cond`: the exact ``cond_2(M)``, ``M = C + eps I`` (eigenvalues clamped at 0, as in
   :func:`covsvd.damping.damp`), for many eps from one set of eigenvalues.
-* :func:`identity_error`: how far ``W_res + U diag(S) P`` is from ``W`` (what the adapter equals at init).
 * :func:`eps_sweep`: :func:`covsvd.orient` at each eps of a grid, with the measures notebook 04 plots.
 
 Prefix errors. With ``E_r = W - sum_{i<r} s_i u_i p_i`` and any PSD metric M::
@@ -27,7 +26,7 @@ import polars as pl
 import torch
 
 from ..damping import Damped, resolve_eps
-from ..measures import principal_angles
+from ..measures import identity_error, metric_mul, principal_angles, quad
 from ..moments import SecondMoment
 from ..orient import Oriented, orient
 
@@ -51,18 +50,9 @@ def _data_metric(M: MetricLike, d: int, what: str) -> torch.Tensor | Damped | No
     return M.detach().to(F64)
 
 
-def _mul(X: torch.Tensor, M: torch.Tensor | Damped | None) -> torch.Tensor:
-    """``X M`` for X ``(k, d)``; fp64."""
-    if M is None:
-        return X
-    if isinstance(M, Damped):
-        return M.mul(X.to(M.dtype)).to(F64)
-    return X * M if M.dim() == 1 else X @ M
-
-
 def _prefix_sq(W, U, S, P, M, total: float) -> torch.Tensor:
     """``||E_r M^{1/2}||_F^2`` for r = 0..k, ``(k + 1,)`` fp64 (module docstring); ``total = tr(W M W^T)``."""
-    PM = _mul(P, M)  # (k, d_in)
+    PM = metric_mul(P, M).to(F64)  # (k, d_in)
     cross = S * ((U.T @ W) * PM).sum(1)  # (k,) s_i u_i^T W M p_i^T
     Q = torch.outer(S, S) * (U.T @ U) * (PM @ P.T)  # (k, k) s_i s_j (u_i^T u_j)(p_i M p_j^T)
     block = Q.cumsum(0).cumsum(1).diagonal()  # (k,) sum of the leading (r x r) block, r = 1..k
@@ -71,7 +61,7 @@ def _prefix_sq(W, U, S, P, M, total: float) -> torch.Tensor:
 
 
 def _total(W: torch.Tensor, M) -> float:
-    return float((_mul(W, M) * W).sum())  # tr(W M W^T)
+    return float(quad(W, M))  # tr(W M W^T)
 
 
 def output_energy(W: torch.Tensor, M: MetricLike = None) -> float:
@@ -120,14 +110,6 @@ def truncation_errors(
     if len(idx) and (int(idx.min()) < 0 or int(idx.max()) > k):
         raise ValueError(f"truncation_errors: ranks must lie in [0, {k}]; got {list(ranks)}")
     return err[idx]
-
-
-def identity_error(W: torch.Tensor, oriented: Oriented) -> float:
-    """``||W_res + U diag(S) P - W||_F / ||W||_F`` from the *stored* tensors (their own dtypes), summed in fp64:
-    how far the adapter at init (zero gain) is from the original layer."""
-    U, S, P, W_res = (t.detach().to(F64) for t in oriented[:4])
-    W = W.detach().to(F64)
-    return float((W_res + (U * S) @ P - W).norm() / W.norm())
 
 
 def damped_cond(lam: torch.Tensor, eps_values: Sequence[float], eps_mode: str = "absolute") -> list[float]:
@@ -202,7 +184,7 @@ def eps_sweep(
         ``rel_error_info``: ``orient``'s own ``info["rel_error"]`` (under ``C + eps I``; for ``diag`` and
         ``asvd`` given a SecondMoment, under ``diag(c) + eps``: they are oriented from ``C.to_diag()``, which
         gives the same factors and skips orient's full-matrix error);
-        ``energy_kept``: ``info["energy_kept"]``; ``identity_error``: :func:`identity_error`.
+        ``energy_kept``: ``info["energy_kept"]``; ``identity_error``: :func:`covsvd.identity_error` with ``norm="fro"``.
 
     Errors use :func:`truncation_errors` at rank r (the same value as ``functional_error``).
     """
@@ -258,6 +240,6 @@ def eps_sweep(
             error_cal=err(o, Cm, tot_cal), error_eval=err(o, Ce, tot_eval) if Ce is not None else math.nan,
             error_cal_plain=plain_cal, error_eval_plain=plain_eval,
             rel_error_info=float(o.info["rel_error"]), energy_kept=float(o.info["energy_kept"]),
-            identity_error=identity_error(W, o),
+            identity_error=identity_error(W, *o[:4], norm="fro"),
         ))
     return pl.DataFrame(rows)

@@ -2,7 +2,6 @@
 
 Measurements (fp64, exact formulas, cheap enough to sweep):
 
-* :func:`identity_error`: ``max|W_res + U diag(S) P - W| / max|W|`` for any stored factors.
 * :func:`truncation_curve`: the functional error ``||(W - B_k) M^{1/2}||_F / ||W M^{1/2}||_F`` of every rank-k
   prefix ``B_k = U[:, :k] diag(S[:k]) P[:k]`` of one orientation, for many k at the cost of ~one
   :func:`covsvd.measures.functional_error` call (the same quadratic form, evaluated incrementally).
@@ -25,23 +24,9 @@ from collections.abc import Sequence
 import torch
 
 from ..damping import Damped
+from ..measures import metric_mul
 
 F64 = torch.float64
-
-
-def identity_error(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tensor, W_res: torch.Tensor) -> float:
-    """``max|W_res + U diag(S) P - W| / max|W|``: every tensor upcast to fp64, products and sum in fp64.
-
-    ``W (d_out, d_in)``, ``U (d_out, r)``, ``S (r,)``, ``P (r, d_in)``, ``W_res (d_out, d_in)``, any float dtypes
-    (the stored ones: the error measures what the stored tensors reproduce, not how they are later summed).
-    """
-    W64 = W.detach().to(F64)
-    if tuple(W_res.shape) != tuple(W64.shape) or U.shape[0] != W64.shape[0] or P.shape[-1] != W64.shape[1]:
-        raise ValueError(f"identity_error: W {tuple(W.shape)}, U {tuple(U.shape)}, P {tuple(P.shape)}, "
-                         f"W_res {tuple(W_res.shape)} do not fit W = W_res + U diag(S) P")
-    hat = W_res.detach().to(F64) + (U.detach().to(F64) * S.detach().to(F64)) @ P.detach().to(F64)  # (d_out, d_in)
-    scale = W64.abs().max().clamp_min(torch.finfo(F64).tiny)
-    return float((hat - W64).abs().max() / scale)
 
 
 ORDERS = ("tight", "naive")
@@ -113,12 +98,7 @@ def truncation_curve(
     M64 = _metric_dense(M, d_in)
     US = U.detach().to(F64) * S.detach().to(F64)  # (d_out, r)
     P64 = P.detach().to(F64)  # (r, d_in)
-    if M64 is None:
-        WM, PM = W64, P64
-    elif M64.dim() == 1:
-        WM, PM = W64 * M64, P64 * M64
-    else:
-        WM, PM = W64 @ M64, P64 @ M64  # (d_out, d_in), (r, d_in)
+    WM, PM = metric_mul(W64, M64), metric_mul(P64, M64)  # (d_out, d_in), (r, d_in)
     den = float((WM * W64).sum())
     out = []
     for k in ranks:
