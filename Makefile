@@ -16,7 +16,7 @@ export MPLBACKEND := Agg
 # session does (bench/results/capture_passive.md has capture under PASSIVE, as `make lab` runs it).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv test figures figures-quick lab bench ablations ablations-quick lint clean-venv
+.PHONY: venv test test-fast figures figures-quick lab bench bench-llm ablations ablations-quick lint clean-venv
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup
 
+## make test-fast: the core and lab tests without the real default model or notebooks (under a minute)
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
+
 ## make figures: re-execute every notebook headless (full settings) and rewrite figures/ + their data
 figures: $(STAMP)
 	$(PY) -m covsvd figures
@@ -38,14 +42,19 @@ figures: $(STAMP)
 figures-quick: $(STAMP)
 	$(PY) -m covsvd figures --quick
 
-## make lab: JupyterLab on the project's kernel (the .venv python)
+## make lab: JupyterLab on the project's kernel (the .venv python); as root (containers) with --allow-root
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(LAB_ROOT)
 
 ## make bench: speed / memory ratios, measured side by side (not part of the tests)
 bench: $(STAMP)
 	env -u OMP_WAIT_POLICY $(PY) bench/capture.py
 	env -u OMP_WAIT_POLICY $(PY) bench/orient.py
+
+## make bench-llm: decoder-LLM shapes: layerwise memory at 7B shapes, init time at the published shape
+bench-llm: $(STAMP)
+	env -u OMP_WAIT_POLICY $(PY) bench/llm.py
 
 ## make ablations: the local metric / rotation ablation sweep on CPU (resumable)
 ablations: $(STAMP)

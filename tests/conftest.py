@@ -18,6 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_VOCAB = 97
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that loads the real default model is ``slow`` (``make test-fast`` leaves them out)."""
+    for item in items:
+        if "default_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def default_model():
     """``(model, tokenizer)``: the embedded all-MiniLM-L6-v2 (fp32, eval mode). Read-only."""

@@ -110,12 +110,40 @@ class AttachReport:
         worst = max(r["identity_error"] for r in self.rows)
         init = sum(r["init_s"] for r in self.rows)
         return (f"AttachReport({len(self.rows)} layers, metric={self.settings.get('metric')}, "
-                f"r={self.settings.get('r')}, rotate={self.settings.get('rotate')}, trainable={self.trainable}, "
+                f"r={_rank_str(self.settings.get('r'))}, rotate={self.settings.get('rotate')}, "
+                f"trainable={self.trainable}, "
                 f"max identity error {worst:.2e}, init {init:.2f} s)")
 
 
 
 # --------------------------------------------------------------------------------------------- attach
+
+
+def _rank_str(r) -> str:
+    """``"64"`` for one rank, ``"per layer 8..96"`` for a ``{name: r}`` dict (progress bars, reports)."""
+    if isinstance(r, dict):
+        return f"per layer {min(r.values())}..{max(r.values())}" if r else "per layer (none)"
+    return str(r)
+
+
+def _layer_ranks(r, names: list[str]) -> dict[str, int]:
+    """``{name: r}`` for every target from an int or a dict; raises naming missing / extra layers or bad ranks."""
+    if isinstance(r, dict):
+        missing = [n for n in names if n not in r]
+        if missing:
+            raise ValueError(f"r is a dict without an entry for {len(missing)} target layer(s): {missing[:5]}; "
+                             "give every target a rank, or pass targets=list(r) to attach only those layers")
+        extra = [n for n in r if n not in names]
+        if extra:
+            raise ValueError(f"r has ranks for {len(extra)} layer(s) that are not targets: {extra[:5]}; drop "
+                             "them from r or add them to targets")
+        ranks = {n: r[n] for n in names}
+    else:
+        ranks = dict.fromkeys(names, r)
+    for n, rn in ranks.items():
+        if not isinstance(rn, int) or isinstance(rn, bool) or rn < 1:
+            raise ValueError(f"layer {n!r}: r={rn!r} must be a positive int")
+    return ranks
 
 
 def _resolve_targets(model, moments, metric, targets) -> list[str]:
@@ -154,7 +182,7 @@ def _check_tied(model: nn.Module, names: list[str]) -> None:
 def attach_adapters(
     model: nn.Module,
     moments: dict | None,
-    r: int,
+    r: int | dict[str, int],
     metric: str = "identity",
     eps: float = DEFAULT_EPS,
     eps_mode: str = DEFAULT_EPS_MODE,
@@ -174,7 +202,8 @@ def attach_adapters(
         moments: ``{module name: SecondMoment}`` from :func:`covsvd.capture_moments` (a ``(d_in, d_in)``
             or ``(d_in,)`` tensor is accepted too, but carries no token count, so the ``count >= r`` check
             only applies to ``SecondMoment``). ``None`` is allowed for ``metric="identity"``.
-        r: rank kept per layer; ``1 <= r <= min(d_out, d_in)``.
+        r: rank kept per layer, ``1 <= r <= min(d_out, d_in)``: one int for every layer, or a ``{name: r}``
+            dict (e.g. from :func:`covsvd.allocate_ranks`) with an entry for every target and no other.
         metric, eps, eps_mode, **orient_kwargs: passed to :func:`covsvd.orient` (``components``,
             ``solver``, ``alpha``, ``compute_dtype``: every decomposition runs in fp64 by default). The
             defaults are orient's (``eps=1e-3`` absolute).
@@ -196,10 +225,10 @@ def attach_adapters(
     """
     rotate = rotate_arm(rotate)
     check_choice("metric", metric, METRICS)
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise ValueError(f"r={r!r} must be a positive int")
+    if not isinstance(r, dict) and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
+        raise ValueError(f"r={r!r} must be a positive int or a {{layer name: positive int}} dict")
     a_limit(max_angle)
-    block_sizes(r, block_size)
+    block_sizes(1, block_size)  # checks block_size (every rank is checked against its layer below)
     if not math.isfinite(float(coeff)):
         raise ValueError(f"coeff={coeff!r} must be finite")
     storage = torch.float32 if dtype is None else dtype
@@ -207,12 +236,13 @@ def attach_adapters(
         raise ValueError(f"dtype={dtype!r} must be a floating dtype (storage of U, S, P)")
 
     names = _resolve_targets(model, moments, metric, targets)
+    ranks = _layer_ranks(r, names)
     modules = {n: model.get_submodule(n) for n in names}
     for name, module in modules.items():
         d_out, d_in = in_out_features(module)
         W = weight_matrix(module)
-        if r > min(d_out, d_in):
-            raise ValueError(f"layer {name!r} ({shape_str(module)}): r={r} exceeds min(d_out, d_in)="
+        if ranks[name] > min(d_out, d_in):
+            raise ValueError(f"layer {name!r} ({shape_str(module)}): r={ranks[name]} exceeds min(d_out, d_in)="
                              f"{min(d_out, d_in)}; lower r or leave the layer out of targets")
         if W.is_meta or not W.is_floating_point():
             raise ValueError(f"layer {name!r} ({shape_str(module)}): weight is {W.dtype} on {W.device}; "
@@ -223,26 +253,28 @@ def attach_adapters(
                 raise ValueError(f"layer {name!r} ({shape_str(module)}): metric={metric!r} needs a second moment "
                                  f"and moments has no entry for it; capture it (covsvd.capture_moments(model, "
                                  f"batches, targets=[{name!r}, ...])) or drop the layer from targets")
-            moment_parts(C, metric, r, (d_out, d_in), f"layer {name!r} ({shape_str(module)}): ")
+            moment_parts(C, metric, ranks[name], (d_out, d_in), f"layer {name!r} ({shape_str(module)}): ")
     _check_tied(model, names)
 
     identity = attached_identity(model)
-    settings = dict(metric=metric, r=r, eps=eps, eps_mode=eps_mode, coeff=coeff, rotate=rotate,
+    settings = dict(metric=metric, r=dict(ranks) if isinstance(r, dict) else r, eps=eps, eps_mode=eps_mode,
+                    coeff=coeff, rotate=rotate,
                     block_size=block_size, max_angle=max_angle, dtype=str(storage).removeprefix("torch."),
                     **{k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v)
                        for k, v in orient_kwargs.items()})
     report = AttachReport(settings=settings)
     built: dict[str, BoundedGainLinear] = {}
-    for name in tqdm(names, desc=f"orient ({metric}, r={r})", disable=not progress, leave=False):
+    for name in tqdm(names, desc=f"orient ({metric}, r={_rank_str(r)})", disable=not progress, leave=False):
         module = modules[name]
+        rank = ranks[name]
         t0 = time.perf_counter()
         W = weight_matrix(module).detach()  # (d_out, d_in), model dtype
         C = None if metric == "identity" or moments is None else moments.get(name)
         try:
-            o = orient(W, C, r, metric=metric, eps=eps, eps_mode=eps_mode, name=name, storage_dtype=storage,
+            o = orient(W, C, rank, metric=metric, eps=eps, eps_mode=eps_mode, name=name, storage_dtype=storage,
                        **orient_kwargs)
         except Exception as e:
-            msg = f"orient failed for layer {name!r} ({shape_str(module)}, r={r}, metric={metric!r}): {e}"
+            msg = f"orient failed for layer {name!r} ({shape_str(module)}, r={rank}, metric={metric!r}): {e}"
             raise (ValueError(msg) if isinstance(e, ValueError) else RuntimeError(msg)) from e
         info = dict(o.info)
         config = dict(metric=metric, eps=info["eps"], eps_mode=eps_mode, components=info["components"],
@@ -257,7 +289,7 @@ def attach_adapters(
         built[name] = adapter
         d_out, d_in = W.shape
         report.rows.append(dict(
-            name=name, d_out=d_out, d_in=d_in, r=r, metric=metric, eps=info["eps"], cond=info["cond"],
+            name=name, d_out=d_out, d_in=d_in, r=rank, metric=metric, eps=info["eps"], cond=info["cond"],
             energy_kept=info["energy_kept"], rel_error=info["rel_error"], identity_error=ident,
             restore_error=restore, init_s=time.perf_counter() - t0,
             trainable=sum(p.numel() for p in adapter.parameters())))

@@ -11,6 +11,19 @@ model, bench/results/capture.md has what these copies, the O(d_in) sums and the 
 
 Shared inputs (:class:`~covsvd.hooks.SharedInputs`): targets that read the same input tensor share one
 accumulator, so the product is computed once.
+
+Which tokens count: padding (``attention_mask == 0``) never does; ``token_mask=`` may drop more (e.g. the
+prompt: ``"labels"`` keeps ``labels != -100``), see :func:`covsvd.rows.token_mask`. A batch key read as the
+mask is kept out of the model's forward (a transformers model given ``labels`` would compute a loss, unused).
+Capture never builds a KV cache: ``use_cache=False`` is passed to a forward that takes it.
+
+Devices and dtypes: the accumulators live on the model's device (``layerwise=True``: each block's). Rows of a
+bf16 / fp16 / fp32 model are cast to the Gram product's dtype (fp64, or fp32 for ``accumulate="float32"``)
+before the product, never multiplied in half precision; the sums are fp64. On CUDA, ``accumulate="float32"``
+with TF32 matmuls enabled raises (:func:`tf32_matmuls`) rather than silently computing TF32 products.
+
+``layerwise=True`` (:mod:`covsvd.layerwise`): the data goes through the model one transformer block at a time,
+so only one block's accumulators exist at a time.
 """
 
 from __future__ import annotations
@@ -25,20 +38,46 @@ from .gram import ACCUMULATE, gram_dtype
 from .hooks import InputHooks, SharedInputs
 from .models import model_identity
 from .moments import KINDS, MomentAccumulator, SecondMoment
-from .rows import RowBuffers, TokenRows
+from .rows import RowBuffers, TokenMaskSpec, TokenRows, mask_key, token_mask
 from .targets import TargetSpec, find_targets, in_out_features
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (else buffer; CPU for a module with neither)."""
+    for p in module.parameters():
         return p.device
-    for b in model.buffers():
+    for b in module.buffers():
         return b.device
     return torch.device("cpu")
 
 
+def tf32_matmuls() -> bool:
+    """True when CUDA fp32 matmuls may run in TF32 (``allow_tf32``, ``fp32_precision="tf32"`` or a float32
+    matmul precision other than ``"highest"``)."""
+    matmul = torch.backends.cuda.matmul
+    return bool(matmul.allow_tf32) or getattr(matmul, "fp32_precision", "none") == "tf32" or (
+        torch.get_float32_matmul_precision() != "highest")
+
+
+def check_no_tf32(accumulate: str, device: torch.device) -> None:
+    """Raise when ``accumulate="float32"`` products on ``device`` (CUDA) would silently run in TF32."""
+    if accumulate == "float32" and device.type == "cuda" and tf32_matmuls():
+        raise ValueError(
+            "accumulate='float32' with TF32 matmuls enabled would compute the products in TF32; set "
+            "torch.backends.cuda.matmul.allow_tf32 = False and torch.set_float32_matmul_precision('highest'), "
+            "or use accumulate='float64'"
+        )
+
+
 def _to(value, device: torch.device):
     return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+def _bound(forward: Callable, args: tuple) -> dict:
+    try:
+        return inspect.signature(forward).bind_partial(*args).arguments
+    except (TypeError, ValueError):
+        return {}
 
 
 def as_call(batch, device: torch.device, forward: Callable) -> tuple[tuple, dict, torch.Tensor | None]:
@@ -52,17 +91,32 @@ def as_call(batch, device: torch.device, forward: Callable) -> tuple[tuple, dict
         return (), kwargs, kwargs.get("attention_mask")
     if isinstance(batch, (tuple, list)):
         args = tuple(_to(v, device) for v in batch)
-        try:
-            bound = inspect.signature(forward).bind_partial(*args).arguments
-        except (TypeError, ValueError):
-            bound = {}
-        return args, {}, bound.get("attention_mask")
+        return args, {}, _bound(forward, args).get("attention_mask")
     if isinstance(batch, torch.Tensor):
         return (batch.to(device, non_blocking=True),), {}, None
     raise TypeError(
         f"a batch must be a dict of model inputs, a tuple/list of positional inputs, or a tensor of input_ids; "
         f"got {type(batch).__name__}"
     )
+
+
+def prepare(batch, device: torch.device, forward: Callable, mask_spec: TokenMaskSpec = None
+            ) -> tuple[tuple, dict, torch.Tensor | None]:
+    """``(args, kwargs, mask)``: :func:`as_call`, then the mask of the tokens that count (padding and, with
+    ``mask_spec``, the unselected tokens out; :func:`covsvd.rows.token_mask`), the batch key read as the mask
+    removed from the forward's inputs, and ``use_cache=False`` when ``forward`` takes ``use_cache``."""
+    args, kwargs, attention = as_call(batch, device, forward)
+    key = mask_key(mask_spec)
+    if key is not None and isinstance(batch, Mapping):
+        kwargs.pop(key, None)
+    mask = token_mask(batch, mask_spec, attention, device) if mask_spec is not None else attention
+    try:
+        takes_cache = "use_cache" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        takes_cache = False
+    if takes_cache and "use_cache" not in _bound(forward, args):
+        kwargs["use_cache"] = False  # no KV cache: it would only hold memory
+    return args, kwargs, mask
 
 
 def _length(batches) -> int | None:
@@ -96,19 +150,18 @@ class MomentCapture:
         *,
         accumulate: str = "float64",
         share_inputs: bool = True,
+        token_mask: TokenMaskSpec = None,
+        device: torch.device | str | None = None,
     ) -> None:
+        mask_key(token_mask)  # a bad spec raises before anything runs
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
         if accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate={accumulate!r}; expected one of {ACCUMULATE}")
-        self.model, self.kind, self.accumulate = model, kind, accumulate
+        self.model, self.kind, self.accumulate, self.token_mask = model, kind, accumulate, token_mask
         self.dtype = gram_dtype(accumulate)  # of the Gram products (and the row copies)
-        self.device = _model_device(model)
-        if accumulate == "float32" and self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-            raise ValueError(
-                "accumulate='float32' with TF32 matmuls enabled would compute the products in TF32; "
-                "set torch.backends.cuda.matmul.allow_tf32 = False or use accumulate='float64'"
-            )
+        self.device = torch.device(device) if device is not None else module_device(model)
+        check_no_tf32(accumulate, self.device)
         self.names = find_targets(model, targets)
         modules = dict(model.named_modules())
         self.d_in = {n: in_out_features(modules[n])[1] for n in self.names}
@@ -118,7 +171,7 @@ class MomentCapture:
         self.rows = TokenRows(None)
         self.scratch = RowBuffers()  # the copies of each call's real rows (see RowBuffers)
         self.batches = 0
-        self.tokens = 0  # real tokens (mask == 1) fed so far; unknown without a mask
+        self.tokens = 0  # counted tokens (real and selected) fed so far; unknown without any mask
         self._hooks: InputHooks | None = None
         self._training: dict[nn.Module, bool] = {}
         self._done = False
@@ -160,23 +213,36 @@ class MomentCapture:
 
     def add(self, batch) -> None:
         """Run the model on one batch (dict, tuple/list or tensor; see :func:`capture_moments`) and add its inputs."""
+        args, kwargs, mask = prepare(batch, module_device(self.model), self.model.forward, self.token_mask)
+        self.run(lambda: self.model(*args, **kwargs), mask)
+
+    def run(self, call: Callable[[], object], mask: torch.Tensor | None):
+        """Call ``call()`` under ``torch.no_grad()`` with the hooks on, as one forward of one batch: the targets'
+        inputs are added, keeping the tokens where ``mask`` ``(B, T)`` is 1 (``None``: every row). Returns
+        what ``call`` returns."""
         if self._hooks is None:
-            raise RuntimeError("MomentCapture.add must be called inside its `with` block")
-        args, kwargs, mask = as_call(batch, self.device, self.model.forward)
+            raise RuntimeError("MomentCapture.add / run must be called inside its `with` block")
         self.rows = TokenRows(mask)
         if mask is not None:  # the row copies need at most B*T rows of the widest input: allocate them now
             self.scratch.reserve(mask.numel() * self.widest, self.dtype, self.device)
         with torch.no_grad():
-            self.model(*args, **kwargs)
+            out = call()
         self.sharing.end_forward()
         _check_finite(self.accs, self.sharing, self.batches)
         self.batches += 1
         self.tokens += self.rows.n_real if self.rows.n_real is not None else 0
+        return out
 
-    def moments(self, all_reduce: bool = False, group=None) -> dict[str, SecondMoment]:
+    def seen(self) -> list[str]:
+        """The targets whose input was added at least once so far (a target never called has no accumulator)."""
+        return [n for n in self.names if self.sharing.leader[n] in self.accs]
+
+    def moments(self, all_reduce: bool = False, group=None, names: list[str] | None = None
+                ) -> dict[str, SecondMoment]:
         """``{target name: SecondMoment}`` (shared inputs: one object under each name); finishes the capture.
 
-        Raises ``ValueError`` when no batch was added or a target saw zero real tokens (after the
+        ``names``: only these targets (default: all); the others are dropped unreduced.
+        Raises ``ValueError`` when no batch was added or a target saw zero counted tokens (after the
         ``all_reduce`` across processes, when asked).
         """
         if self._done:
@@ -184,9 +250,11 @@ class MomentCapture:
         if self.batches == 0:
             raise ValueError("no batches: `batches` is empty; pass calibration batches (covsvd.calibration_batches)")
         self._done = True
+        wanted = set(self.names if names is None else names)
+        keep = [n for n in self.names if n in wanted]
         identity = model_identity(self.model)
         distinct: dict[str, SecondMoment] = {}
-        for lead in dict.fromkeys(self.sharing.leader.values()):
+        for lead in dict.fromkeys(self.sharing.leader[n] for n in keep):
             acc = self.accs.pop(lead, None) or MomentAccumulator(
                 self.d_in[lead], kind=self.kind, accumulate=self.accumulate, device=self.device
             )
@@ -195,14 +263,17 @@ class MomentCapture:
             from .distributed import all_reduce_moments
 
             all_reduce_moments(distinct, group=group)
+        self.accs.clear()
         members = self.sharing.members
         empty = [m for lead, mom in distinct.items() if mom.count == 0 for m in members[lead]]
         if empty:
+            cause = ("every token was padding (attention_mask all 0)" if self.token_mask is None else
+                     f"token_mask={self.token_mask!r} selected no token (or every token was padding)")
             raise ValueError(
-                f"{len(empty)} target(s) saw zero real tokens, e.g. {empty[:3]}: every token was padding "
-                f"(attention_mask all 0) or the module was never called; add text or exclude them with targets=..."
+                f"{len(empty)} target(s) saw zero real tokens, e.g. {empty[:3]}: {cause} or the module was never "
+                f"called; add text, fix the mask, or exclude them with targets=..."
             )
-        return {n: distinct[self.sharing.leader[n]] for n in self.names}
+        return {n: distinct[self.sharing.leader[n]] for n in keep}
 
 
 def capture_moments(
@@ -216,6 +287,10 @@ def capture_moments(
     share_inputs: bool = True,
     all_reduce: bool = False,
     group=None,
+    layerwise: bool = False,
+    blocks=None,
+    offload: torch.device | str | None = "cpu",
+    token_mask: TokenMaskSpec = None,
 ) -> dict[str, SecondMoment]:
     """``{module name: SecondMoment}`` of the inputs of the target modules over ``batches``.
 
@@ -226,7 +301,8 @@ def capture_moments(
             ``**kwargs``), tuples/lists (passed positionally) or tensors of ``input_ids`` (every token real);
             moved to the model's device (that of its first parameter). Tokens where the batch's
             ``attention_mask`` is 0 never count.
-        targets: see :func:`covsvd.find_targets` (``None``: every Linear and Conv1D).
+        targets: see :func:`covsvd.find_targets` (``None``: every Linear and Conv1D but the output
+            embeddings and modules tied to an embedding).
         kind: ``"full"`` (``(d_in, d_in)`` sums) or ``"diag"`` (``(d_in,)``).
         progress: a tqdm bar over batches.
         accumulate: precision of each batch's Gram product, added into fp64 sums: ``"float64"`` (default:
@@ -236,18 +312,36 @@ def capture_moments(
         share_inputs: targets reading the same input tensor share one accumulator (one product).
         all_reduce: sum the moments over the processes of ``group`` with ``torch.distributed`` before
             returning (each process passes its own shard of the data).
+        layerwise: run the data through one transformer block at a time (:mod:`covsvd.layerwise`): only one
+            block's accumulators exist at a time; the result equals the default capture (to fp64 rounding).
+            ``batches`` is then iterated once per block (a generator is first stored as a list).
+        blocks: layerwise only: where the blocks are (``None``: found automatically; a dotted path to the
+            block list, e.g. ``"model.layers"``; or a list of block module names in call order).
+        offload: layerwise only: where the blocks' cached outputs and the finished moments wait (default
+            ``"cpu"``; ``None``: stay on the device).
+        token_mask: which tokens count besides padding: ``None`` (every real token), ``"labels"`` (the
+            batch's ``labels != -100``), another batch key (a bool / 0-1 ``(B, T)`` tensor), or
+            ``f(batch) -> (B, T)`` bool. A key read as the mask is not passed to the forward.
 
     Returns:
         One entry per target name, in ``named_modules`` order; targets sharing an input map to the *same*
-        ``SecondMoment`` object. ``count`` is the number of real rows seen.
+        ``SecondMoment`` object. ``count`` is the number of counted rows (real and selected tokens).
 
     Raises:
-        ValueError: empty data, zero real tokens for a target, a mask that fits no input, NaN/inf
-            inputs (naming the module and batch), a bad ``targets``/``kind``/``accumulate``.
+        ValueError: empty data, zero counted tokens for a target (also a token mask that selects nothing),
+            a mask that fits no input, NaN/inf inputs (naming the module and batch), a bad
+            ``targets``/``kind``/``accumulate``/``token_mask``; layerwise: blocks not found (naming ``blocks=``).
     """
     from tqdm.auto import tqdm
 
-    capture = MomentCapture(model, targets, kind, accumulate=accumulate, share_inputs=share_inputs)
+    if layerwise:
+        from .layerwise import capture_layerwise
+
+        return capture_layerwise(model, batches, targets, kind, progress, accumulate=accumulate,
+                                 share_inputs=share_inputs, all_reduce=all_reduce, group=group, blocks=blocks,
+                                 offload=offload, token_mask=token_mask)
+    capture = MomentCapture(model, targets, kind, accumulate=accumulate, share_inputs=share_inputs,
+                            token_mask=token_mask)
     with capture:
         bar = tqdm(batches, total=_length(batches), desc="capture", unit="batch", disable=not progress)
         for batch in bar:

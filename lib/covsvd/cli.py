@@ -2,6 +2,21 @@
 
 Core verbs:
     capture   capture activation second moments of a model and save them (safetensors)
+    init      orient adapters from moments (a file, or captured here) and write them: a peft LoRA adapter
+              beside a residual base model (``--format peft``), or a covsvd adapters file (``--format covsvd``)
+
+Both load a local transformers checkpoint (or ``default``, the embedded all-MiniLM-L6-v2) on ``--device`` in
+``--dtype``, read calibration text from ``--data`` (.txt, .jsonl / .parquet with a text field,
+:mod:`covsvd.textdata`; default: the embedded pydoc corpus), print :func:`covsvd.estimate_memory` and refuse
+(exit 1, naming the fix) when the accumulators would not fit the device's free memory.
+
+Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` set) every process builds the
+same batches and takes every N-th one, the process group is initialised (gloo on CPU, NCCL on CUDA, each
+process on ``cuda:LOCAL_RANK``), the moments are summed across processes
+(``capture_moments(..., all_reduce=True)``) and rank 0 alone writes, atomically.
+
+Bad input exits with status 1 and one line on stderr, before anything is written: every output is written
+atomically (:mod:`covsvd.files`), so an error leaves no partial file.
 
 Verbs of installed extensions are found through the ``covsvd.cli`` entry-point group: each entry point names a
 function ``add(subparsers)`` that creates its parser and sets ``run=<function(args) -> int>``. The lab registers
@@ -14,11 +29,202 @@ inside the run function so ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 
 ENTRY_POINTS = "covsvd.cli"
+DTYPES = ("float32", "bfloat16", "float16")
+MODEL_CLASSES = ("auto", "causal-lm", "base")
+#: What :func:`covsvd.orient` reads from the moments, per metric: the capture kind it needs.
+METRIC_KIND = {"identity": None, "diag": "diag", "asvd": "diag", "full": "full", "corda": "full"}
+
+
+class CLIError(Exception):
+    """A refusal with a message for the user (printed on stderr; exit status 1)."""
+
+
+def say(*args) -> None:
+    """Print from rank 0 only (every process of a torchrun launch runs the same code)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+def gib(n: int | float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# ---------------------------------------------------------------------------------------- launching
+
+
+class Launch:
+    """This process's place in a ``torchrun`` launch, its device, and the process group (a context manager).
+
+    ``world`` / ``rank`` / ``local_rank`` come from ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` (1 / 0 / 0 when
+    unset). On enter with ``world > 1`` the default process group is initialised from torchrun's environment
+    (gloo for CPU, NCCL for CUDA); on exit it is destroyed, also after an error.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(device, self.local_rank if self.world > 1 else None)
+
+    def __enter__(self) -> Launch:
+        if self.world > 1:
+            import torch
+            import torch.distributed as dist
+
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def shard(self, batches: list) -> list:
+        """Every ``world``-th batch, starting at ``rank`` (all of them in a single process)."""
+        if len(batches) < self.world:
+            raise CLIError(f"{len(batches)} batches for {self.world} processes: every process needs at least one; "
+                           "add data, lower --batch-size, or launch fewer processes")
+        return batches[self.rank :: self.world]
+
+
+def resolve_device(spec: str, local_rank: int | None = None):
+    """``torch.device`` for ``cpu`` / ``cuda`` / ``cuda:N`` / ``auto`` (CUDA when available, else CPU).
+
+    Under torchrun (``local_rank`` given) ``cuda`` means ``cuda:LOCAL_RANK`` and an explicit ``cuda:N`` is
+    refused (every process would share one GPU). Raises :class:`CLIError` for CUDA without a GPU.
+    """
+    import torch
+
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise CLIError(f"--device {spec!r}: {e}; expected cpu, cuda, cuda:N or auto") from e
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device {spec!r}: expected cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {spec}: CUDA is not available (torch {torch.__version__}); use --device cpu")
+        if local_rank is not None:
+            if device.index is not None:
+                raise CLIError(f"--device {spec} under torchrun: pass --device cuda, each process takes "
+                               "cuda:LOCAL_RANK")
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+# ---------------------------------------------------------------------------------------- the model
+
+
+def model_class(path: Path, choice: str = "auto"):
+    """The transformers ``Auto*`` class to load ``path`` with.
+
+    ``auto``: ``AutoModelForCausalLM`` when an architecture in ``config.json`` is a causal LM (its name ends
+    in ``ForCausalLM``, or ``AutoModelForCausalLM`` maps a model type to it, e.g. ``GPT2LMHeadModel``):
+    decoder LLMs keep their output head, so an exported checkpoint is complete. Else ``AutoModel`` (the bare
+    encoder / decoder). ``causal-lm`` / ``base`` force one of them.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if choice == "auto":
+        try:
+            archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+        except (OSError, ValueError):
+            archs = []  # load_model raises, naming the missing checkpoint
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        choice = "causal-lm" if any(str(a).endswith("ForCausalLM") or a in causal for a in archs) else "base"
+    return AutoModelForCausalLM if choice == "causal-lm" else AutoModel
+
+
+def load(args: argparse.Namespace, device):
+    """``(model, tokenizer)`` from ``--model`` in ``--dtype`` on ``device``, eval mode."""
+    import torch
+
+    import covsvd
+
+    path = covsvd.default_model_path() if args.model == "default" else Path(args.model)
+    model, tokenizer = covsvd.load_model(path, dtype=getattr(torch, args.dtype),
+                                         model_class=model_class(Path(path), args.model_class))
+    return model.to(device), tokenizer
+
+
+def make_batches(args: argparse.Namespace, tokenizer) -> list:
+    """Calibration batches from ``--data`` (or the embedded corpus), ``labels`` kept only for ``--token-mask labels``."""
+    import covsvd
+    from covsvd import textdata
+
+    size = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    if args.prompt_field:
+        if not args.data:
+            raise CLIError("--prompt-field needs --data (a .jsonl or .parquet file with that field)")
+        batches = textdata.prompt_batches(tokenizer, args.data, args.prompt_field, args.text_field, **size)
+        if token_mask(args) is None:  # every token counts: the labels are not passed on
+            batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+        return batches
+    if token_mask(args) is not None:
+        raise CLIError("--token-mask labels needs labels: give --prompt-field (instruction data in a .jsonl / "
+                       ".parquet file); plain text has none")
+    if args.data:
+        return textdata.text_batches(tokenizer, args.data, args.text_field, split=args.split or "all", **size)
+    return covsvd.calibration_batches(tokenizer, split=args.split or "train", **size)
+
+
+def token_mask(args: argparse.Namespace) -> str | None:
+    """``"labels"`` (count only tokens whose label is not -100) or ``None`` (every real token)."""
+    mode = args.token_mask or ("labels" if args.prompt_field else "all")
+    return "labels" if mode == "labels" else None
+
+
+# ---------------------------------------------------------------------------------------- memory
+
+
+def free_memory(device) -> int | None:
+    """Bytes free for new tensors on ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of
+    ``/proc/meminfo`` on CPU; ``None`` when it cannot be read (then nothing is refused, and it is said)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def check_memory(model, device, targets, kind: str, layerwise: bool, accumulate: str) -> None:
+    """Print :func:`covsvd.estimate_memory` beside the device's free memory; raise :class:`CLIError` naming
+    the fixes when the accumulators alive at once (all of them, or one block's with ``layerwise``) exceed it."""
+    from covsvd.memory import estimate_memory
+
+    est = estimate_memory(model, targets, kind, layerwise, accumulate=accumulate)
+    need = est.layerwise_peak_bytes if layerwise else est.total_bytes
+    free = free_memory(device)
+    say(f"memory estimate ({kind}, {accumulate} products, fp64 sums): every accumulator {gib(est.total_bytes)}, "
+        f"layerwise peak {gib(est.layerwise_peak_bytes)}; this run holds {gib(need)} at once; "
+        + (f"free on {device}: {gib(free)}" if free is not None else f"free memory on {device} unknown: not checked"))
+    if free is not None and need > free:
+        fixes = [] if layerwise else ["--layerwise (one block's accumulators at a time)"]
+        if kind == "full":
+            fixes.append("--kind diag / --metric diag (O(d_in) per layer)")
+        fixes.append("fewer targets (--targets REGEX)")
+        raise CLIError(f"the accumulators need {gib(need)} but {device} has {gib(free)} free; use "
+                       + ", or ".join(fixes))
 
 
 # ------------------------------------------------------------------------------------------ capture
@@ -28,25 +234,127 @@ def run_capture(args: argparse.Namespace) -> int:
     import covsvd
 
     t0 = time.perf_counter()
-    if args.model == "default":
-        model, tokenizer = covsvd.load_default_model()
-    else:
-        model, tokenizer = covsvd.load_model(args.model)
-    batches = covsvd.calibration_batches(
-        tokenizer, texts=args.texts, split=args.split, seq_len=args.seq_len, max_tokens=args.max_tokens
-    )
-    n_tokens = covsvd.count_tokens(batches)
-    t1 = time.perf_counter()
-    moments = covsvd.capture_moments(model, batches, targets=args.targets, kind=args.kind, progress=True)
-    t2 = time.perf_counter()
-    covsvd.save_moments(args.out, moments, model=model)
-    t3 = time.perf_counter()
-    print(
-        f"captured {len(moments)} modules (kind={args.kind}) over {n_tokens} real tokens "
-        f"({args.split} split) -> {args.out}\n"
-        f"load {t1 - t0:.1f} s, capture {t2 - t1:.1f} s, save {t3 - t2:.1f} s"
-    )
+    with Launch(args.device) as launch:
+        model, tokenizer = load(args, launch.device)
+        batches = make_batches(args, tokenizer)
+        n_tokens = covsvd.count_tokens(batches)
+        mine = launch.shard(batches)
+        check_memory(model, launch.device, args.targets, args.kind, args.layerwise, args.accumulate)
+        t1 = time.perf_counter()
+        moments = covsvd.capture_moments(
+            model, mine, targets=args.targets, kind=args.kind, progress=args.progress and launch.rank == 0,
+            accumulate=args.accumulate, all_reduce=launch.world > 1, layerwise=args.layerwise,
+            token_mask=token_mask(args))
+        t2 = time.perf_counter()
+        if launch.rank == 0:
+            covsvd.save_moments(args.out, moments, model=model)
+        counted = max(m.count for m in moments.values())
+    say(f"captured {len(moments)} modules (kind={args.kind}, {'layerwise' if args.layerwise else 'all at once'}) "
+        f"over {counted} counted tokens ({n_tokens} real) on {launch.device} in {launch.world} process(es) "
+        f"-> {args.out}\nload {t1 - t0:.1f} s, capture {t2 - t1:.1f} s, save {time.perf_counter() - t2:.1f} s")
     return 0
+
+
+# --------------------------------------------------------------------------------------------- init
+
+
+def run_init(args: argparse.Namespace) -> int:
+    import covsvd
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    if args.moments and args.data:
+        raise CLIError("give --moments FILE or --data FILE, not both")
+    kind = METRIC_KIND[args.metric]
+    orient_kw = {k: v for k, v in (("eps", args.eps), ("eps_mode", args.eps_mode)) if v is not None}
+    t0 = time.perf_counter()
+    with Launch(args.device) as launch:
+        model, tokenizer = load(args, launch.device)
+        moments, report = None, None
+        stream = args.layerwise and args.format == "covsvd" and kind is not None and not args.moments
+        if args.moments:
+            if launch.world > 1:
+                raise CLIError("--moments needs no capture: run init in one process (without torchrun)")
+            moments = covsvd.load_moments(args.moments, model)
+        elif kind is not None:
+            batches = make_batches(args, tokenizer)
+            check_memory(model, launch.device, args.targets, kind, args.layerwise, args.accumulate)
+            if stream and launch.world == 1:  # capture a block, orient, attach, free its moments
+                report = covsvd.init_adapters(
+                    model, batches, args.r, args.metric, layerwise=True, targets=args.targets, kind=kind,
+                    token_mask=token_mask(args), moments_dir=args.moments_dir, progress=args.progress, **orient_kw)
+            else:
+                moments = covsvd.capture_moments(
+                    model, launch.shard(batches), targets=args.targets, kind=kind,
+                    progress=args.progress and launch.rank == 0, accumulate=args.accumulate,
+                    all_reduce=launch.world > 1, layerwise=args.layerwise, token_mask=token_mask(args))
+        t1 = time.perf_counter()
+        if launch.rank != 0:
+            return 0
+        targets = args.targets if moments is None else None  # None: every captured layer
+        if args.format == "peft":
+            covsvd.export_peft(model, moments, out, args.r, args.metric, targets=targets, tokenizer=tokenizer,
+                               overwrite=args.overwrite, progress=args.progress, **orient_kw)
+        else:
+            if report is None:
+                report = covsvd.attach_adapters(model, moments, args.r, args.metric, targets=targets,
+                                                progress=args.progress, **orient_kw)
+            covsvd.save_adapters(out, model)
+    say(f"{report if report is not None else f'{args.metric} r={args.r}'} -> {out} ({args.format})\n"
+        f"load + capture {t1 - t0:.1f} s, orient + write {time.perf_counter() - t1:.1f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- parsers
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="PATH|default",
+                   help="a local transformers checkpoint directory, or 'default' (embedded all-MiniLM-L6-v2)")
+    p.add_argument("--model-class", choices=MODEL_CLASSES, default="auto",
+                   help="auto (default): AutoModelForCausalLM when config.json names a *ForCausalLM "
+                   "architecture, else AutoModel; causal-lm / base force one")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N|auto",
+                   help="where the model and the accumulators live (default cpu; under torchrun, cuda = "
+                   "cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="model parameter dtype (default float32); inputs are cast to the accumulation dtype "
+                   "before every product")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="calibration text: .txt (one document), .jsonl or .parquet (a text field per record); "
+                   "default: the embedded pydoc corpus")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="the text field of .jsonl/.parquet "
+                   "records (default text)")
+    p.add_argument("--prompt-field", default=None, metavar="NAME",
+                   help="instruction data: each record is prompt + text, and only the text's tokens count "
+                   "(labels -100 on the prompt)")
+    p.add_argument("--token-mask", choices=("all", "labels"), default=None,
+                   help="which real tokens count: all, or labels (labels != -100; the default with "
+                   "--prompt-field). Padding never counts")
+    p.add_argument("--split", choices=("train", "heldout", "all"), default=None,
+                   help="passages to use (default: train for the embedded corpus, all for --data)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per batch (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, metavar="T", help="tokens per window (default 128)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="stop after N real tokens (default: all the data)")
+
+
+def add_capture_args(p: argparse.ArgumentParser, kind: bool) -> None:
+    if kind:
+        p.add_argument("--kind", choices=("full", "diag"), default="full",
+                       help="full (d_in x d_in) or diag (d_in) second moment (default full)")
+    p.add_argument("--targets", default=None, metavar="REGEX",
+                   help="only modules whose full name matches REGEX (default: covsvd.find_targets' default)")
+    p.add_argument("--layerwise", action="store_true",
+                   help="run the data through one transformer block at a time: one block's accumulators "
+                   "alive at once")
+    p.add_argument("--accumulate", choices=("float64", "float32"), default="float64",
+                   help="dtype of each batch's Gram product, added into fp64 sums (default float64)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def add_capture(sub) -> None:
@@ -54,28 +362,47 @@ def add_capture(sub) -> None:
         "capture",
         help="capture E[x x^T] of every target Linear's input and save it (safetensors)",
         description="Run calibration text through a model with hooks and save each target module's second "
-        "moment (sums in fp64, real tokens only). Load it back with covsvd.load_moments(FILE, model).",
+        "moment (sums in fp64, real tokens only). Load it back with covsvd.load_moments(FILE, model). Under "
+        "torchrun each process captures its shard and rank 0 writes the summed moments.",
     )
-    p.add_argument("--model", required=True, metavar="PATH|default",
-                   help="a local transformers checkpoint directory, or 'default' (embedded all-MiniLM-L6-v2)")
-    p.add_argument("--out", required=True, metavar="FILE", help="output file (e.g. minilm.moments.safetensors)")
-    p.add_argument("--kind", choices=("full", "diag"), default="full",
-                   help="full (d_in x d_in) or diag (d_in) second moment (default full)")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
-                   help="stop after N real tokens (default: the whole split)")
-    p.add_argument("--texts", default=None, metavar="FILE",
-                   help="a UTF-8 text file to calibrate on (default: the embedded pydoc corpus)")
-    p.add_argument("--split", choices=("train", "heldout", "all"), default="train",
-                   help="which split of the passages (default train)")
-    p.add_argument("--seq-len", type=int, default=128, metavar="T", help="tokens per window (default 128)")
-    p.add_argument("--targets", default=None, metavar="REGEX",
-                   help="capture only modules whose full name matches REGEX (default: every Linear)")
+    add_model_args(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="output file (e.g. model.moments.safetensors)")
+    add_data_args(p)
+    add_capture_args(p, kind=True)
     p.set_defaults(run=run_capture)
+
+
+def add_init(sub) -> None:
+    p = sub.add_parser(
+        "init",
+        help="orient adapters from moments and write them (peft LoRA + residual base, or covsvd adapters)",
+        description="Orient every target at rank r by a metric, from a moments file (--moments) or from "
+        "moments captured here (--data, or the embedded corpus), and write --format peft (a directory: "
+        "base/ = the model with W_res, adapter/ = a peft LoRA adapter) or --format covsvd (one safetensors "
+        "file of bounded-gain adapters, covsvd.load_adapters). With --layerwise and --format covsvd the "
+        "init streams: capture a block, orient it, attach, free its moments.",
+    )
+    add_model_args(p)
+    p.add_argument("--moments", default=None, metavar="FILE", help="a moments file from `covsvd capture`")
+    add_data_args(p)
+    add_capture_args(p, kind=False)
+    p.add_argument("--r", type=int, required=True, metavar="INT", help="rank kept per layer")
+    p.add_argument("--metric", choices=tuple(METRIC_KIND), default="full", help="orientation metric (default full)")
+    p.add_argument("--eps", type=float, default=None, help="damping (default: covsvd.orient's)")
+    p.add_argument("--eps-mode", choices=("absolute", "relative"), default=None,
+                   help="eps absolute, or relative to mean(diag C) (default: covsvd.orient's)")
+    p.add_argument("--format", choices=("peft", "covsvd"), default="peft",
+                   help="peft: a directory (base/ + adapter/); covsvd: an adapters file (default peft)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output directory (peft) or file (covsvd)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--moments-dir", default=None, metavar="DIR",
+                   help="streaming init: keep each finished block's moments here, so a rerun resumes")
+    p.set_defaults(run=run_init)
 
 
 # --------------------------------------------------------------------------------------------- main
 
-VERBS: list[Callable] = [add_capture]
+VERBS: list[Callable] = [add_capture, add_init]
 
 
 def extension_verbs() -> list[Callable]:
@@ -94,5 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; returns its exit status. User errors (bad input, refusals) print one line on stderr and
+    return 1; argparse's own errors exit 2."""
     args = build_parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except (CLIError, ValueError, OSError, ImportError) as e:
+        print(f"covsvd {args.verb}: error: {e}", file=sys.stderr)
+        return 1

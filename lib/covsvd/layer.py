@@ -140,6 +140,18 @@ class BoundedGainLinear(nn.Module):
             U = U @ R_U.T  # (d_out, r)
         return (U * s) @ P
 
+    def delta_core(self) -> torch.Tensor:
+        """What training changed, in the adapter's own basis: ``K (r, r)`` fp64 with
+        ``delta_weight(True) - delta_weight(False) == U K P``, ``K = R_U^T diag(S_eff) R_V - diag(S)``.
+        So the change has rank ``<= r`` (used by :func:`covsvd.lora_delta.export_lora_delta`)."""
+        K = torch.diag(self.s_eff().detach().double())  # (r, r)
+        R_V, R_U = self._rotation64(self.rot_V), self._rotation64(self.rot_U)
+        if R_V is not None:
+            K = K @ R_V
+        if R_U is not None:
+            K = R_U.T @ K
+        return K - torch.diag(self.S.detach().double())
+
     def dense_weight(self, trained: bool = False) -> torch.Tensor:
         """``W_res + delta`` in fp64, then rounded once to ``base_dtype``: what :meth:`to_plain` installs."""
         return (self.W_res.detach().double() + self.delta_weight(trained)).to(self.base_dtype)

@@ -1,11 +1,73 @@
 """Which rows of a module's input are real tokens (:class:`TokenRows`), and the reusable buffer the real rows are
 copied into (:class:`RowBuffers`): per call one copy, padding dropped and cast to the Gram product's dtype in
-the same pass, so no ``(N, d_in)`` tensor is allocated per hook.
+the same pass, so no ``(N, d_in)`` tensor is allocated per hook; and which tokens count (:func:`token_mask`:
+padding never does; ``token_mask=`` may drop more, e.g. prompt tokens).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
+
+from .textdata import IGNORE_INDEX
+
+#: ``token_mask=`` of capture: ``None`` (padding only), ``"labels"``, a batch key, or ``f(batch) -> (B, T)``.
+TokenMaskSpec = None | str | Callable[[object], torch.Tensor]
+
+
+def mask_key(spec: TokenMaskSpec) -> str | None:
+    """The batch key ``spec`` reads (``"labels"`` or another key), which capture keeps out of the forward."""
+    if spec is None or callable(spec):
+        return None
+    if isinstance(spec, str):
+        return spec
+    raise TypeError(f"token_mask={spec!r}: expected None, 'labels', a batch key (str) or a callable(batch) -> "
+                    "(B, T) bool tensor")
+
+
+def token_mask(batch, spec: TokenMaskSpec, attention_mask: torch.Tensor | None, device: torch.device
+               ) -> torch.Tensor | None:
+    """The ``(B, T)`` mask of the tokens that count in ``batch``: real (``attention_mask`` 1, when given) and
+    selected by ``spec``; ``None`` when ``spec`` is ``None`` (then ``attention_mask`` alone decides).
+
+    ``spec``: ``"labels"`` selects ``batch["labels"] != -100`` (the transformers ignore index); another string
+    reads ``batch[spec]``, a bool or 0/1 integer tensor; a callable gets the batch as given and returns a
+    ``(B, T)`` bool or 0/1 tensor. Raises ``ValueError`` for a missing key, a non-mapping batch with a key,
+    a wrong shape or values other than 0/1, naming the fix.
+    """
+    if spec is None:
+        return None
+    key = mask_key(spec)
+    if key is not None:
+        if not isinstance(batch, Mapping):
+            raise ValueError(f"token_mask={key!r} reads a batch key, but the batch is a {type(batch).__name__}; "
+                             "pass dict batches, or token_mask=callable(batch) -> (B, T) bool")
+        if key not in batch:
+            raise ValueError(f"token_mask={key!r}: the batch has no {key!r} entry (keys {sorted(batch)}); "
+                             "add it to every batch or pick another key")
+        raw = batch[key]
+        if not isinstance(raw, torch.Tensor):
+            raw = torch.as_tensor(raw)
+        selected = raw != IGNORE_INDEX if key == "labels" else raw
+    else:
+        selected = spec(batch)
+        if not isinstance(selected, torch.Tensor):
+            raise ValueError(f"token_mask callable returned a {type(selected).__name__}; expected a (B, T) tensor")
+    what = f"token_mask={spec!r}" if key is not None else "the token_mask callable's mask"
+    if selected.dim() != 2:
+        raise ValueError(f"{what} has shape {tuple(selected.shape)}; expected (batch, tokens)")
+    if selected.dtype != torch.bool:
+        if selected.is_floating_point() or not ((selected == 0) | (selected == 1)).all():
+            raise ValueError(f"{what} must be bool or hold only 0/1 (got {selected.dtype})")
+        selected = selected.bool()
+    selected = selected.to(device)
+    if attention_mask is None:
+        return selected
+    if tuple(attention_mask.shape) != tuple(selected.shape):
+        raise ValueError(f"{what} has shape {tuple(selected.shape)}, the attention_mask "
+                         f"{tuple(attention_mask.shape)}; they must match (B, T)")
+    return selected & attention_mask.to(device).bool()  # padding never counts
 
 
 class TokenRows:

@@ -3,6 +3,11 @@
 A target is an ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2 family). covsvd's convention is the
 Linear one everywhere: ``W`` is ``(d_out, d_in)`` and ``y = x @ W.T + b``. ``Conv1D`` stores ``W.T``
 (``(d_in, d_out)``, ``y = x @ weight + b``), so :func:`weight_matrix` converts once, here.
+
+LLM conventions (``targets=None`` only): the output embeddings (``model.get_output_embeddings()``, the
+``lm_head`` of a causal LM) and any Linear-like module whose weight *is* an embedding's weight (tied: same
+Parameter or same storage) are not default targets: :func:`embedding_modules` names them. A regex, predicate or
+name list is the user's explicit choice and may still select them (attach then refuses tied weights).
 """
 
 from __future__ import annotations
@@ -45,11 +50,50 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(module).__name__} is not nn.Linear or transformers Conv1D")
 
 
+def _same_weight(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """One tensor object, or two views of one storage (a tie made by sharing data); never true for meta tensors."""
+    if a is b:
+        return True
+    if a.is_meta or b.is_meta or a.device != b.device:
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.shape == b.shape
+
+
+def _embeddings(model: nn.Module) -> list[nn.Module]:
+    """The model's input / output embeddings (transformers' accessors, when they exist) and every nn.Embedding."""
+    found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    for accessor in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, accessor, None)
+        try:
+            module = get() if callable(get) else None
+        except (NotImplementedError, AttributeError):  # transformers' base raises for models without one
+            module = None
+        if isinstance(module, nn.Module) and all(module is not m for m in found):
+            found.append(module)
+    return found
+
+
+def embedding_modules(model: nn.Module) -> list[str]:
+    """Names of the Linear/Conv1D modules that default targets leave out, in ``named_modules`` order: the output
+    embeddings (``model.get_output_embeddings()``) and any module whose weight is an embedding's (tied)."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        head = None
+    weights = [e.weight for e in _embeddings(model) if isinstance(getattr(e, "weight", None), torch.Tensor)]
+    return [
+        n for n, m in model.named_modules()
+        if is_linear(m) and (m is head or any(_same_weight(m.weight, w) for w in weights))
+    ]
+
+
 def find_targets(model: nn.Module, targets: TargetSpec = None) -> list[str]:
     """Names of the Linear/Conv1D modules selected by ``targets``, in ``named_modules`` order.
 
     ``targets`` may be:
-      * ``None``: every ``nn.Linear`` and ``Conv1D``;
+      * ``None``: every ``nn.Linear`` and ``Conv1D`` except the output embeddings and modules tied to an
+        embedding (:func:`embedding_modules`; the LLM convention: the ``lm_head`` is not adapted);
       * a ``str`` or compiled regex: modules whose full name matches it (``re.fullmatch``, so
         ``r".*output\\.dense"`` or an exact name both work);
       * an iterable of exact names: those modules (each must exist and be Linear-like);
@@ -62,7 +106,14 @@ def find_targets(model: nn.Module, targets: TargetSpec = None) -> list[str]:
     if not linear:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D modules to target")
     if targets is None:
-        return [n for n, _ in linear]
+        skip = set(embedding_modules(model))
+        names = [n for n, _ in linear if n not in skip]
+        if not names:
+            raise ValueError(
+                f"every Linear/Conv1D module of {type(model).__name__} is an output embedding or tied to an "
+                f"embedding ({sorted(skip)[:3]}); name them explicitly with targets=[...] to capture them"
+            )
+        return names
     if isinstance(targets, (str, re.Pattern)):
         pattern = re.compile(targets) if isinstance(targets, str) else targets
         names = [n for n, _ in linear if pattern.fullmatch(n)]

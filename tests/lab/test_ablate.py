@@ -133,21 +133,20 @@ def test_moments_cache_is_keyed_by_the_calibration_tokens(tiny_bert, tmp_path, m
 # ------------------------------------------------------------------------------------------ summary
 
 
-def test_t_quantile_matches_closed_forms_and_the_normal_limit():
-    for p in (0.9, 0.975, 0.995):
-        assert ab.t_quantile(p, 1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-9)
-        assert ab.t_quantile(p, 2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-9)
-    z = 1.959963984540054  # the normal quantile; t adds (z^3 + z) / (4 dof) + O(dof^-2) (Cornish-Fisher)
-    assert ab.t_quantile(0.975, 100000) == pytest.approx(z + (z**3 + z) / 4e5, rel=1e-9)
-    for x in (-2.5, 0.3, 1.7, 4.0):  # dof 3 and 4 written out, against the series of t_cdf
-        u = x / math.sqrt(3)
-        assert ab.t_cdf(x, 3) == pytest.approx(0.5 + (u / (1 + u * u) + math.atan(u)) / math.pi, rel=1e-12)
-        assert ab.t_cdf(x, 4) == pytest.approx(0.5 + 0.5 * x * (6 + x * x) / (4 + x * x) ** 1.5, rel=1e-12)
-        for dof in (5, 6, 30):
-            assert ab.t_cdf(-x, dof) == pytest.approx(1 - ab.t_cdf(x, dof), rel=1e-12, abs=1e-15)
-    stats = pytest.importorskip("scipy.stats")
-    for dof in (3, 4, 9):
-        assert ab.t_quantile(0.975, dof) == pytest.approx(stats.t.ppf(0.975, dof), rel=1e-6)
+def test_t_interval_is_the_student_t_interval_in_closed_form():
+    # dof 1 and 2 have closed-form quantiles: tan(pi (p - 1/2)) and (2p - 1) / sqrt(2 p (1 - p))
+    for x, quantile in (([0.1, 0.4], math.tan(math.pi * 0.475)), ([0.1, 0.4, 0.2], 0.95 / math.sqrt(2 * 0.975 * 0.025))):
+        n = len(x)
+        mean = sum(x) / n
+        sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1))
+        t = ab.t_interval(x, 0.95)
+        assert t["mean"] == pytest.approx(mean) and t["sd"] == pytest.approx(sd)
+        assert t["ci_high"] - t["mean"] == pytest.approx(quantile * sd / math.sqrt(n), rel=1e-9)
+        assert t["mean"] - t["ci_low"] == pytest.approx(t["ci_high"] - t["mean"], rel=1e-12)
+    one = ab.t_interval([0.3])
+    assert one["mean"] == 0.3 and math.isnan(one["ci_low"]) and math.isnan(one["sd"])  # never a fake interval
+    with pytest.raises(ValueError, match="at least one"):
+        ab.t_interval([])
 
 
 def _results(scores: dict[str, list[float]], chash="h0") -> pl.DataFrame:

@@ -1,15 +1,18 @@
 """The local ablation sweep: train the bounded-gain adapter on CPU, per arm and seed, and keep tidy rows.
 
-    import covsvd.ablate as ab
+    import covsvd.lab.ablate as ab
     df = ab.ablate()                      # the full sweep -> data/ablations/local.csv (resumable)
     table = ab.summarize(ab.load_results("data/ablations/local.csv"))   # per-arm mean, 95% t-interval
 
 What one row is. The default model (all-MiniLM-L6-v2) gets adapters on its six FFN output layers
 (``encoder.layer.*.output.dense``, W 384 x 1536: the analogue of ``down_proj``), oriented by the arm's
 metric from second moments captured on the *train* split, then only the adapters' gains (and rotations)
-train for ``steps`` batches of the contrastive task of :mod:`covsvd.task`. The row records the held-out
+train for ``steps`` batches of the contrastive task of :mod:`covsvd.lab.task`. The row records the held-out
 retrieval score before (the untrained model) and after, the time of ``attach_adapters`` (orientation
 included) and of training, the trainable parameter count, and how far the gains moved.
+
+This module runs the sweep; the arms and settings are :mod:`covsvd.lab.arms`, the results file
+:mod:`covsvd.lab.rowstore`, the summaries :mod:`covsvd.lab.stats` (all re-exported here).
 
 Arms (:data:`ARMS`): the metric axis ``identity``, ``diag``, ``full``, ``corda`` (no rotation), the
 rotation axis ``rot-V``, ``rot-U``, ``rot-both`` (metric identity; ``identity`` is their no-rotation
@@ -26,402 +29,63 @@ different count may split reductions differently and change the last bits).
 from __future__ import annotations
 
 import copy
-import csv
 import datetime as _dt
-import fcntl
-import hashlib
-import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .task import RetrievalTask, TaskConfig, embed, train_steps
+from ..cache import model_key
+from .arms import (
+    ARMS,
+    DEFAULT_SEEDS,
+    LEARNED_NOTHING,
+    OUTCOMES,
+    QUICK_ARMS,
+    QUICK_CONFIG,
+    QUICK_SEEDS,
+    TARGETS,
+    AblationConfig,
+    Arm,
+    run_outcome,
+)
+from .rowstore import COLUMNS, KEY, TIMING, append_row, read_rows
+from .rowstore import load_results as _load_results
+from .stats import arm_verdict, one_config, paired_differences, summarize, t_interval
+from .task import RetrievalTask, embed, train_steps
 
-TARGETS = r"encoder\.layer\.\d+\.output\.dense"
+__all__ = [
+    "ARMS", "COLUMNS", "DEFAULT_OUT", "DEFAULT_SEEDS", "KEY", "LEARNED_NOTHING", "OUTCOMES", "QUICK_ARMS",
+    "QUICK_CONFIG", "QUICK_SEEDS", "TARGETS", "TIMING", "AblationConfig", "Arm", "ablate", "append_row",
+    "arm_verdict", "load_results", "model_key", "moments_for", "one_config", "paired_differences", "read_rows",
+    "run_arm_seed", "run_outcome", "summarize", "t_interval",
+]
+
 SOURCE = "local: covsvd ablate (CPU)"
 DEFAULT_OUT = Path("data/ablations/local.csv")
 DEFAULT_CACHE = Path("data/ablations/cache")
 QUICK_OUT = DEFAULT_CACHE / "quick.csv"
 
 
-@dataclass(frozen=True)
-class Arm:
-    """One arm: how the adapter is oriented (``metric``) and rotated; ``train=False`` is the baseline."""
-
-    name: str
-    metric: str | None
-    rotate: str | None
-    train: bool = True
-    axis: str = ""  # "metric", "rotation", "both" (identity: the reference of both axes) or "baseline"
-
-
-ARMS: dict[str, Arm] = {a.name: a for a in (
-    Arm("baseline", None, None, train=False, axis="baseline"),
-    Arm("identity", "identity", None, axis="both"),
-    Arm("diag", "diag", None, axis="metric"),
-    Arm("full", "full", None, axis="metric"),
-    Arm("corda", "corda", None, axis="metric"),
-    Arm("rot-V", "identity", "V", axis="rotation"),
-    Arm("rot-U", "identity", "U", axis="rotation"),
-    Arm("rot-both", "identity", "both", axis="rotation"),
-)}
-DEFAULT_SEEDS = (0, 1, 2)
-
-
-@dataclass(frozen=True)
-class AblationConfig:
-    """Every setting of a sweep that changes a row's numbers (the arm and seed aside).
-
-    How the defaults were chosen. ``steps`` x batch (30 x 16 documents x 2 passages, 64 tokens) and the
-    16 prototype passages per document come from the time budget (the full sweep in ~20 min on 2 cores).
-    ``lr`` and ``r`` from a pilot on the *validation* split (a part of train; ``--holdout validation``),
-    never on the held-out score: identity arm, seed 0, 30 steps, accuracy change in points (MRR in
-    brackets): lr 0.01 / 0.03 / 0.1 / 0.3 -> -0.5 (+0.3) / 0.0 (+1.0) / +2.8 (+3.2) / -1.9 (-0.2); the
-    memory-of-prototypes loss at lr 0.03 / 0.1 / 0.3 -> +1.4 / +2.3 / +1.4 (no better, so the in-batch
-    pair loss stays); r 32 / 64 / 128 at lr 0.1 -> -0.5 / +1.9 / +1.4. One seed each and a binomial SE
-    of ~3.3 points on 215 validation queries: the pilot only rules out learning rates that barely move
-    (<= 0.03) or overshoot (0.3); it does not rank r. ``coeff`` 1 and ``eps`` 1e-3 absolute (covsvd's
-    default damping) were not tuned.
-    """
-
-    r: int = 64  # rank kept per layer (of min(384, 1536) = 384)
-    coeff: float = 1.0  # S_eff = S * (1 + ELU(coeff * g))
-    lr: float = 0.1  # Adam, constant
-    steps: int = 30  # training batches per run (16 documents x 2 passages each)
-    eps: float = 1e-3  # damping of the metric (full / corda / diag)
-    eps_mode: str = "absolute"
-    block_size: int = 4  # Cayley blocks (rotation arms)
-    max_angle: float = 0.5  # radians
-    calib_tokens: int = 32768  # real tokens of the train split captured for C (seq_len windows)
-    calib_seq_len: int = 128
-    targets: str = TARGETS
-    task: TaskConfig = field(default_factory=lambda: TaskConfig(prototypes_per_doc=16))
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["task"] = self.task.as_dict()
-        return d
-
-    def config_hash(self, model_fingerprint: str) -> str:
-        """12 hex digits of SHA-256 over this config (JSON, sorted keys) and the model's key
-        (:func:`model_key`: its structure and a digest of its weights)."""
-        blob = json.dumps({"config": self.as_dict(), "model": model_fingerprint}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-QUICK_CONFIG = AblationConfig(
-    r=8, lr=5e-2, steps=3, calib_tokens=4096,
-    task=TaskConfig(max_length=32, docs_per_batch=4, prototypes_per_doc=1, max_queries=32, eval_batch_size=128),
-)
-QUICK_ARMS = ("baseline", "full", "rot-V")  # full: exercises capture, the cache and the heaviest init
-QUICK_SEEDS = (0,)
-
-# Tidy row schema. TIMING columns differ between two runs of the same key; everything else must not.
-COLUMNS = (
-    "arm", "axis", "metric", "rotate", "seed", "r", "steps", "lr", "coeff", "eps", "eps_mode",
-    "docs_per_batch", "max_length", "trainable_params", "init_s", "train_s", "eval_s",
-    "score_before", "score_after", "mrr_before", "mrr_after", "n_fixed", "n_broken", "outcome",
-    "loss_start", "loss_end",
-    "gain_norm", "gain_max", "rot_norm", "init_output_error", "identity_error",
-    "n_eval", "n_train_passages", "calib_tokens", "threads", "config_hash", "model",
-    "covsvd_version", "torch_version", "date", "source",
-)
-TIMING = ("init_s", "train_s", "eval_s", "date")
-KEY = ("config_hash", "arm", "seed")
-# ``outcome`` of one run (see :func:`run_outcome`). "did not move": the run learned nothing at all;
-# "no change": its trainables moved but the held-out accuracy did not.
-OUTCOMES = ("untrained", "improved", "worse", "no change", "did not move")
-LEARNED_NOTHING = ("did not move",)
-
-
-def run_outcome(train: bool, score_before: float, score_after: float, gain_norm: float, rot_norm: float) -> str:
-    """What one run did, in words (the ``outcome`` column, one of :data:`OUTCOMES`).
-
-    ``"untrained"`` for the baseline; ``"did not move"`` when no trainable moved (gains and rotations all
-    still zero: nothing was learned, whatever the score says); otherwise the held-out accuracy against the
-    untrained model's: ``"improved"``, ``"worse"`` or ``"no change"``.
-    """
-    if not train:
-        return "untrained"
-    if gain_norm == 0.0 and rot_norm == 0.0:
-        return "did not move"
-    if score_after > score_before:
-        return "improved"
-    return "worse" if score_after < score_before else "no change"
-
-
-# ------------------------------------------------------------------------------------------- row file
-
-
-@contextmanager
-def _locked(path: Path):
-    """An exclusive ``flock`` on ``path``'s folder, so two sweeps writing one file never lose each other's rows.
-
-    The folder, not the file: the file is replaced on every write (a lock on it would guard a stale inode),
-    and a lock file would litter the repository.
-    """
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows of a results CSV as strings (``[]`` when the file does not exist); checks the header."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = tuple(reader.fieldnames or ())
-        if header != COLUMNS:
-            missing = [c for c in COLUMNS if c not in header]
-            extra = [c for c in header if c not in COLUMNS]
-            raise ValueError(f"{path} has another schema (missing {missing}, extra {extra}); it was written by "
-                             "another covsvd version: pass a new --out, or move the old file away")
-        return list(reader)
-
-
-def _cell(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return repr(v)  # round-trips exactly
-    return str(v)
-
-
-def append_row(path: str | os.PathLike, row: dict) -> bool:
-    """Append one row to ``path`` atomically: rewrite to a temp file in the same folder, fsync, ``os.replace``.
-
-    Returns ``False`` (and writes nothing) when a row with the same ``(config_hash, arm, seed)`` is already
-    there, so a row is never duplicated. An interruption leaves either the old file or the new one.
-    """
-    path = Path(path)
-    if set(row) != set(COLUMNS):
-        raise ValueError(f"row has columns {sorted(set(row) ^ set(COLUMNS))} out of the schema (see COLUMNS)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path):
-        rows = read_rows(path)
-        key = tuple(_cell(row[k]) for k in KEY)
-        if any(tuple(r[k] for k in KEY) == key for r in rows):
-            return False
-        rows.append({k: _cell(row[k]) for k in COLUMNS})
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp would leave 0600
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
-                w.writeheader()
-                w.writerows(rows)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    return True
-
-
 def load_results(path: str | os.PathLike = DEFAULT_OUT):
-    """The results CSV as a polars DataFrame (typed: ints, floats, strings)."""
-    import polars as pl
-
-    path = Path(path)
-    read_rows(path)  # schema check, clear error
-    return pl.read_csv(path, infer_schema_length=None)
-
-
-# ------------------------------------------------------------------------------------------- summary
-
-
-def t_cdf(x: float, dof: int) -> float:
-    """CDF of Student's t with an integer ``dof >= 1`` at ``x``: the finite closed form (Abramowitz & Stegun
-    26.7.3-4) in ``theta = atan(x / sqrt(dof))``, in Python floats (fp64). Exact up to rounding; no SciPy."""
-    if dof < 1 or int(dof) != dof:
-        raise ValueError(f"t_cdf needs an integer dof >= 1; got {dof}")
-    theta = math.atan(x / math.sqrt(dof))
-    s, c2 = math.sin(theta), math.cos(theta) ** 2
-    if dof % 2:  # odd: (2/pi) (theta + sin cos (1 + (2/3) cos^2 + (2*4)/(3*5) cos^4 + ...)), dof - 2 powers
-        term, total = 1.0, 1.0 if dof > 1 else 0.0
-        for k in range(1, (dof - 1) // 2):
-            term *= c2 * (2 * k) / (2 * k + 1)
-            total += term
-        a = 2.0 / math.pi * (theta + s * math.cos(theta) * total)
-    else:  # even: sin (1 + (1/2) cos^2 + (1*3)/(2*4) cos^4 + ...), dof / 2 terms
-        term, total = 1.0, 1.0
-        for k in range(1, dof // 2):
-            term *= c2 * (2 * k - 1) / (2 * k)
-            total += term
-        a = s * total
-    return 0.5 + 0.5 * a
-
-
-def t_quantile(p: float, dof: int) -> float:
-    """Quantile of Student's t with integer ``dof`` (``0.5 < p < 1``): bisection on :func:`t_cdf` to 1e-12."""
-    if not 0.5 < p < 1 or dof < 1:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and dof >= 1; got p={p}, dof={dof}")
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, dof) < p:
-        hi *= 2.0
-    while hi - lo > 1e-12 * max(1.0, hi):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_cdf(mid, dof) < p else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-def t_interval(x: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
-    """``{"n", "mean", "sd", "ci_low", "ci_high"}``: ``mean -/+ t_{(1+c)/2, n-1} sd / sqrt(n)``, fp64.
-
-    ``sd`` is the sample standard deviation (n - 1); with one value the interval is NaN (never a fake one).
-    """
-    x = [float(v) for v in x]
-    n = len(x)
-    if n == 0:
-        raise ValueError("t_interval needs at least one value")
-    mean = sum(x) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1)) if n > 1 else float("nan")
-    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n) if n > 1 else float("nan")
-    return dict(n=n, mean=mean, sd=sd, ci_low=mean - half, ci_high=mean + half)
-
-
-def one_config(df, config_hash: str | None = None):
-    """``(rows of one config, its hash)``: ``config_hash`` if given (ValueError if absent), else the only one
-    (ValueError if the rows hold several: results of different settings are never pooled)."""
-    import polars as pl
-
-    hashes = sorted(df["config_hash"].unique().to_list())
-    if config_hash is None:
-        if len(hashes) != 1:
-            raise ValueError(f"the rows come from {len(hashes)} configs {hashes}; pass config_hash=")
-        config_hash = hashes[0]
-    elif config_hash not in hashes:
-        raise ValueError(f"config_hash={config_hash!r} is not in the rows (have {hashes})")
-    return df.filter(pl.col("config_hash") == config_hash), config_hash
-
-
-def summarize(df, score: str = "score_after", confidence: float = 0.95, config_hash: str | None = None):
-    """Per-arm mean of ``score`` over seeds with a Student-t confidence interval (polars DataFrame).
-
-    Columns: ``arm, axis, metric, rotate, n_seeds, mean, sd, ci_low, ci_high`` (``mean -/+ t_{(1+c)/2, n-1}
-    sd / sqrt(n)``: the spread over *training seeds* only; NaN for one seed), ``before`` (the untrained
-    score), ``delta`` (mean - before), ``binom_se`` (``sqrt(p (1 - p) / n_eval)`` at the mean: the
-    sampling error of the held-out set, which seeds do not capture), ``n_eval``, ``n_improved`` (seeds
-    whose run beat the untrained accuracy), ``n_fixed``, ``n_broken`` (queries gained / lost against the
-    untrained model, summed over seeds: the paired, per-query view), ``trainable_params``, ``init_s``,
-    ``train_s`` (means), ``gain_norm`` (mean), ``min_gain_norm``, ``verdict`` (:func:`arm_verdict`),
-    ``config_hash``. Arms in :data:`ARMS` order.
-
-    ``df`` may hold rows of several configs; then ``config_hash`` must say which (ValueError otherwise).
-    """
-    import polars as pl
-
-    df, config_hash = one_config(df, config_hash)
-    out = []
-    order = {name: i for i, name in enumerate(ARMS)}
-    for arm in sorted(df["arm"].unique().to_list(), key=lambda a: (order.get(a, len(order)), a)):
-        d = df.filter(pl.col("arm") == arm)
-        t = t_interval(d[score].cast(pl.Float64).to_list(), confidence)
-        n_eval = int(d["n_eval"][0])
-        before_col = "mrr_before" if score.startswith("mrr") else "score_before"
-        before = float(d[before_col].cast(pl.Float64).mean())
-        p = min(max(t["mean"], 0.0), 1.0)
-        row = dict(
-            arm=arm, axis=d["axis"][0], metric=d["metric"][0], rotate=d["rotate"][0], n_seeds=t["n"],
-            mean=t["mean"], sd=t["sd"], ci_low=t["ci_low"], ci_high=t["ci_high"], before=before,
-            delta=t["mean"] - before, binom_se=math.sqrt(p * (1 - p) / n_eval), n_eval=n_eval,
-            n_improved=int((d["score_after"].cast(pl.Float64) > d["score_before"].cast(pl.Float64)).sum()),
-            n_fixed=int(d["n_fixed"].sum()) if "n_fixed" in d.columns else 0,
-            n_broken=int(d["n_broken"].sum()) if "n_broken" in d.columns else 0,
-            trainable_params=int(d["trainable_params"][0]), init_s=float(d["init_s"].mean()),
-            train_s=float(d["train_s"].mean()), gain_norm=float(d["gain_norm"].cast(pl.Float64).mean()),
-            min_gain_norm=float(d["gain_norm"].cast(pl.Float64).min()), config_hash=config_hash,
-        )
-        row["verdict"] = arm_verdict(row, trained=ARMS[arm].train if arm in ARMS else True)
-        out.append(row)
-    return pl.DataFrame(out)
-
-
-def arm_verdict(summary_row: dict, trained: bool = True) -> str:
-    """One arm's result against the untrained model, in words (a :func:`summarize` row).
-
-    ``"untrained reference"``; ``"learned nothing (gains did not move)"`` when some seed's gains stayed at
-    zero; ``"no gain"`` when the mean is not above the untrained score; ``"above untrained (seed CI
-    excludes it)"`` when the t-interval over seeds lies above it; else ``"above untrained within seed
-    noise"``. The seeds' interval does not include the sampling of held-out queries (see ``binom_se``
-    and ``n_fixed`` / ``n_broken``).
-    """
-    if not trained:
-        return "untrained reference"
-    if summary_row["min_gain_norm"] == 0.0:
-        return "learned nothing (gains did not move)"
-    if not summary_row["mean"] > summary_row["before"]:
-        return "no gain"
-    if summary_row["ci_low"] > summary_row["before"]:
-        return "above untrained (seed CI excludes it)"
-    return "above untrained within seed noise"
-
-
-def paired_differences(df, a: str, b: str, score: str = "score_after", confidence: float = 0.95,
-                       config_hash: str | None = None) -> dict:
-    """Arm ``a`` minus arm ``b`` seed by seed (the same seed draws the same batches: a paired design).
-
-    Returns ``{"a", "b", "score", "n", "mean", "sd", "ci_low", "ci_high", "seeds", "diffs", "n_positive"}``
-    with the Student-t interval of the per-seed differences (:func:`t_interval`); only seeds both arms
-    have count. ``config_hash`` as in :func:`summarize`.
-    """
-    import polars as pl
-
-    df, config_hash = one_config(df, config_hash)
-    va = dict(df.filter(pl.col("arm") == a).select("seed", score).rows())
-    vb = dict(df.filter(pl.col("arm") == b).select("seed", score).rows())
-    seeds = sorted(set(va) & set(vb))
-    if not seeds:
-        raise ValueError(f"arms {a!r} and {b!r} share no seed in config {config_hash} (have {sorted(va)} and "
-                         f"{sorted(vb)})")
-    diffs = [float(va[k]) - float(vb[k]) for k in seeds]
-    return dict(a=a, b=b, score=score, **t_interval(diffs, confidence), seeds=seeds, diffs=diffs,
-                n_positive=sum(d > 0 for d in diffs))
+    """The results CSV as a polars DataFrame (typed); :func:`covsvd.lab.rowstore.load_results` at the default path."""
+    return _load_results(path)
 
 
 # ------------------------------------------------------------------------------------------- moments
-
-
-def model_key(model) -> str:
-    """What identifies a model's *numbers* for the row key and the moments cache: covsvd's structural
-    fingerprint (parameter names and shapes) plus a SHA-256 of every state-dict tensor's bytes, so two
-    checkpoints of one architecture (``--model PATH``) never share rows or cached moments. ~0.2 s for
-    all-MiniLM-L6-v2 (90 MB)."""
-    from ..models import model_identity
-
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return f"{model_identity(model)['fingerprint']}-{h.hexdigest()[:16]}"
 
 
 def moments_for(model, tokenizer, config: AblationConfig, cache_dir: str | os.PathLike | None = DEFAULT_CACHE,
                 progress: bool = True) -> tuple[dict, dict]:
     """Full second moments of the targets' inputs on the train split, cached under ``cache_dir``.
 
-    The cache file is ``{cache_dir}/ablate-{hash}.moments.safetensors``, the hash over the model
-    (:func:`model_key`: structure and weights), the targets, and a SHA-256 of the calibration batches
-    themselves (token ids and masks):
-    a change of corpus, tokenizer or windowing gives a new file, never a stale one. Building the batches
-    to hash them costs a tokenisation (about a second), not a forward pass. ``cache_dir=None`` disables it.
-    Sums are accumulated in fp64 by :func:`covsvd.capture_moments`.
+    Through :func:`covsvd.cached_capture`: the file is keyed by the model (structure and every weight), the
+    targets and the calibration batches themselves (token ids and masks), so a change of corpus, tokenizer or
+    windowing gives a new file, never a stale one. ``cache_dir=None`` disables the cache. Sums are fp64.
     Returns ``(moments, info)`` with ``info = {"path", "cached", "capture_s", "tokens"}``.
     """
     import covsvd
@@ -429,23 +93,14 @@ def moments_for(model, tokenizer, config: AblationConfig, cache_dir: str | os.Pa
     t0 = time.perf_counter()
     batches = covsvd.calibration_batches(tokenizer, split="train", seq_len=config.calib_seq_len,
                                          max_tokens=config.calib_tokens)
-    digest = hashlib.sha256()
-    for b in batches:
-        for k in ("input_ids", "attention_mask"):
-            digest.update(b[k].to(torch.int64).contiguous().numpy().tobytes())
-    blob = json.dumps(dict(model=model_key(model), batches=digest.hexdigest(),
-                           targets=config.targets, kind="full", accumulate="float64"), sort_keys=True)
-    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    path = None if cache_dir is None else Path(cache_dir) / f"ablate-{key}.moments.safetensors"
-    if path is not None and path.is_file():
-        moments = covsvd.load_moments(path, model=model)
-        cached = True
-    else:
+    if cache_dir is None:
+        path, cached = None, False
         moments = covsvd.capture_moments(model, batches, targets=config.targets, kind="full", progress=progress)
-        cached = False
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            covsvd.save_moments(path, moments, model=model)
+    else:
+        path = covsvd.cache_path(model, batches, config.targets, "full", cache_dir=cache_dir)
+        cached = path.is_file()
+        moments = covsvd.cached_capture(model, batches, targets=config.targets, kind="full", progress=progress,
+                                        cache_dir=cache_dir)
     tokens = min(m.count for m in moments.values())
     return moments, dict(path=path, cached=cached, capture_s=time.perf_counter() - t0, tokens=tokens)
 

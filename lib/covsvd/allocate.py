@@ -1,0 +1,450 @@
+"""Per-layer ranks under a parameter budget: which layers get more of a fixed number of trainable parameters.
+
+Every layer l has the singular values ``S_l`` (fp64, descending) of its metric's ``W T``
+(:mod:`covsvd.orient`: ``T = M^{1/2}`` for ``full``, ``M`` for ``corda``, ``I`` for ``identity``, ...). Keeping
+rank r drops the energy ``e_l(r) = sum_{i >= r} S_{l,i}^2 / sum_i S_{l,i}^2``: for ``full`` that is the
+squared relative functional error ``||(W - U_r S_r P_r) M^{1/2}||_F^2 / ||W M^{1/2}||_F^2`` of the rank-r
+orientation (docs/algebra.md, "Eckart-Young under the metric"; ``orient``'s ``info["rel_error"] ** 2``), for
+the other metrics the same quantity under their own norm. A rank costs ``c_l`` parameters (:data:`COSTS`):
+``"lora"`` ``d_in + d_out`` (a LoRA factor pair per rank), ``"gain"`` 1 (the bounded-gain adapter's ``g``).
+
+Rules (:data:`RULES`):
+
+* ``"optimal"`` (:func:`optimal_ranks`): minimise ``sum_l e_l(r_l)`` subject to
+  ``sum_l c_l r_l <= budget`` and ``r_min <= r_l <= r_max``. Exact, by this argument:
+
+  1. Write ``e_l(r) = 1 - sum_{i < r} gamma_{l,i}`` with ``gamma_{l,i} = S_{l,i}^2 / sum S_l^2``. Because ``S_l``
+     is sorted, ``gamma_{l,i}`` is non-increasing in ``i`` (e_l is convex in r). A rank vector is a set of
+     "items" ``(l, i)``, a prefix ``i < r_l`` of each layer, each item costing ``c_l``.
+  2. Group the layers by cost ``c``. Given how many items ``k_c`` a cost class takes, its cost ``k_c c`` is
+     fixed, so the best choice is the ``k_c`` largest gammas of the class. Sorted stably (ties keep layer
+     order, then index order), those ``k_c`` items are a prefix of each layer: a valid rank vector. So the
+     problem is exactly ``max sum_c G_c(k_c)`` s.t. ``sum_c c k_c <= budget``, with ``G_c(k)`` the sum of the
+     class's k largest gammas. (With one class, e.g. ``cost="gain"``, that is the greedy top-k: exact.)
+  3. That is solved exactly by dynamic programming over the classes on the budget lattice of
+     ``g = gcd(costs)``: every attainable cost is a multiple of g, so ``floor(budget / g)`` units lose
+     nothing. ``D_c(b) = max_k D_prev(b - k c/g) + G_c(k)``, fp64; backtracking gives each ``k_c``.
+  4. Then, while some layer's next rank fits in what is left, the one with the largest gamma is added
+     (gammas are >= 0, so the objective does not rise). Hence the budget is respected and no layer can take
+     one more rank within it ("within one rank step"), unless every layer is at ``r_max``.
+
+  Greedy by ``gamma / c`` (largest ratio first) is optimal only for the fractional relaxation when the
+  costs differ; it can leave a cheap improvement unused, which the DP does not. Cost: the DP is
+  ``O(sum_c K_c * budget / g)`` time and ``O(n_classes * budget / g)`` memory (``K_c`` the items class c
+  can afford); for transformers n_classes is 1-3 (one per distinct ``d_in + d_out``).
+
+* ``"threshold"`` (:func:`threshold_ranks`, EVA-like): per layer the smallest r whose kept energy
+  ``1 - e_l(r)`` reaches ``energy``, clipped to ``[r_min, r_max]``. The budget does not shape it: when a
+  budget is given, :func:`allocate_ranks` raises if the allocation costs more (lower ``energy``, raise the
+  budget, or use ``"optimal"``); ``budget=None`` skips the check.
+
+The pure part (spectra and costs in, ranks out; no modules): :func:`metric_spectrum`, :func:`dropped_energy`,
+:func:`rank_costs`, :func:`optimal_ranks`, :func:`threshold_ranks`, :func:`allocation_cost`,
+:func:`allocation_error`. The model-facing part: :func:`layer_spectra` and :func:`allocate_ranks`, whose
+``{name: r}`` goes straight to ``covsvd.attach_adapters(model, moments, r=ranks, targets=list(ranks))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checks import check_choice, check_weight, where
+from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
+from .orient import metric_factor, right_factor
+from .targets import find_targets, in_out_features, weight_matrix
+from .validate import METRICS, moment_parts
+
+__all__ = ["COSTS", "RULES", "allocate_ranks", "allocation_cost", "allocation_error", "dropped_energy",
+           "layer_spectra", "metric_spectrum", "optimal_ranks", "rank_costs", "threshold_ranks"]
+
+#: Parameters one rank costs: ``"lora"`` ``d_in + d_out`` (a LoRA A/B pair), ``"gain"`` 1 (the gain ``g``).
+COSTS = ("lora", "gain")
+#: ``"optimal"``: the exact budgeted minimum; ``"threshold"``: an energy fraction per layer (module doc).
+RULES = ("optimal", "threshold")
+F64 = torch.float64
+
+
+# ------------------------------------------------------------------------------------------ spectra
+
+
+def metric_spectrum(
+    W: torch.Tensor,
+    C,
+    metric: str = "full",
+    eps: float = DEFAULT_EPS,
+    eps_mode: str = DEFAULT_EPS_MODE,
+    *,
+    solver: str = "cholesky",
+    alpha: float = 0.5,
+    name: str | None = None,
+) -> torch.Tensor:
+    """All ``k = min(d_out, d_in)`` singular values of ``W T`` for ``metric``, fp64, descending: ``(k,)``.
+
+    The same ``W T`` :func:`covsvd.orient` decomposes (its :func:`~covsvd.orient.metric_factor` and
+    :func:`~covsvd.orient.right_factor`, every step in fp64), so ``S[:r]`` are orient's ``S`` at rank r.
+    ``W (d_out, d_in)``, ``C`` and the keyword arguments as in :func:`covsvd.orient`. Raises ``ValueError``
+    as orient does (a moment that does not fit, non-finite values, an unknown metric), naming ``name``.
+    """
+    prefix = where(name)
+    check_choice("metric", metric, METRICS, f"{prefix}unknown ")
+    d_out, d_in = check_weight(W, prefix)
+    mat, dg, mabs, _ = moment_parts(C, metric, 1, (d_out, d_in), prefix)
+    with torch.no_grad():
+        mat, dg, mabs = (None if t is None else t.detach().to(F64) for t in (mat, dg, mabs))
+        own = metric_factor(metric, mat, dg, mabs, eps, eps_mode, solver, alpha, F64, name)
+        return torch.linalg.svdvals(right_factor(W.detach().to(F64), own, metric))  # (k,) fp64
+
+
+def _gammas(S: torch.Tensor, name: str) -> torch.Tensor:
+    """``S_i^2 / sum S^2`` (k,) fp64, after checking ``S`` is a finite, non-negative, descending spectrum."""
+    if not isinstance(S, torch.Tensor) or S.dim() != 1 or S.numel() == 0:
+        raise ValueError(f"layer {name!r}: a spectrum must be a non-empty 1-D tensor of singular values; got "
+                         f"{getattr(S, 'shape', type(S).__name__)}")
+    s = S.detach().to(F64)
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or bool((s[1:] > s[:-1]).any()):
+        raise ValueError(f"layer {name!r}: the spectrum {tuple(s.shape)} must be finite, >= 0 and descending "
+                         "(torch.linalg.svdvals order)")
+    s2 = s * s
+    total = float(s2.sum())
+    if total <= 0:
+        raise ValueError(f"layer {name!r}: W T is zero (all {s.numel()} singular values are 0), so its relative "
+                         "error is undefined; leave the layer out of targets")
+    return s2 / total
+
+
+def dropped_energy(S: torch.Tensor) -> torch.Tensor:
+    """``e(r) = sum_{i >= r} S_i^2 / sum S^2`` for ``r = 0..k``: ``(k + 1,)`` fp64, from 1 down to 0.
+
+    ``S`` ``(k,)``: singular values, descending (e.g. :func:`metric_spectrum`). For the ``full`` metric
+    ``e(r)`` is the squared relative functional error of the rank-r orientation.
+    """
+    gam = _gammas(S, "spectrum")
+    kept = torch.cat([gam.new_zeros(1), gam.cumsum(0)])  # (k + 1,)
+    return (1.0 - kept).clamp_min(0.0)
+
+
+# -------------------------------------------------------------------------------------- the pure part
+
+
+def rank_costs(shapes: Mapping[str, tuple[int, int]], cost: str = "lora") -> dict[str, int]:
+    """``{name: parameters per rank}`` from ``{name: (d_out, d_in)}``: ``d_in + d_out`` (``"lora"``) or 1 (``"gain"``)."""
+    check_choice("cost", cost, COSTS, "unknown ")
+    return {n: (int(d_out) + int(d_in) if cost == "lora" else 1) for n, (d_out, d_in) in shapes.items()}
+
+
+def allocation_cost(ranks: Mapping[str, int], costs: Mapping[str, int]) -> int:
+    """``sum_l r_l c_l``: the parameters an allocation spends (``costs`` from :func:`rank_costs`)."""
+    missing = [n for n in ranks if n not in costs]
+    if missing:
+        raise ValueError(f"no cost for layer(s) {missing[:5]} ({len(missing)} in all)")
+    return sum(int(r) * int(costs[n]) for n, r in ranks.items())
+
+
+def allocation_error(ranks: Mapping[str, int], spectra: Mapping[str, torch.Tensor]) -> float:
+    """``sum_l e_l(r_l)``: the objective of :func:`optimal_ranks` (summed squared relative errors), fp64."""
+    missing = [n for n in ranks if n not in spectra]
+    if missing:
+        raise ValueError(f"no spectrum for layer(s) {missing[:5]} ({len(missing)} in all)")
+    total = 0.0
+    for n, r in ranks.items():
+        e = dropped_energy(spectra[n])  # (k + 1,)
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < e.numel():
+            raise ValueError(f"layer {n!r}: r={r!r} must be an int in [0, {e.numel() - 1}]")
+        total += float(e[r])
+    return total
+
+
+def _bounds(spectra: Mapping[str, torch.Tensor], r_min: int, r_max: int | None) -> dict[str, tuple[int, int]]:
+    """``{name: (lo, hi)}``: ``r_min`` and ``r_max`` (default: each layer's k), checked against every layer."""
+    if not spectra:
+        raise ValueError("no layers to allocate ranks to (spectra is empty)")
+    if isinstance(r_min, bool) or not isinstance(r_min, int) or r_min < 0:
+        raise ValueError(f"r_min={r_min!r} must be an int >= 0")
+    if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < r_min):
+        raise ValueError(f"r_max={r_max!r} must be None or an int >= r_min={r_min}")
+    out = {}
+    for n, S in spectra.items():
+        k = int(S.numel())
+        hi = k if r_max is None else r_max
+        if hi > k or r_min > k:
+            raise ValueError(f"layer {n!r}: r_min={r_min} / r_max={r_max} beyond min(d_out, d_in) = {k} "
+                             f"(its number of singular values); use r_max <= {k} or leave the layer out")
+        out[n] = (r_min, hi)
+    return out
+
+
+def _check_budget(budget) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget={budget!r} must be an int >= 0 (trainable parameters)")
+    return budget
+
+
+def _check_costs(costs: Mapping[str, int], names) -> dict[str, int]:
+    out = {}
+    for n in names:
+        c = costs.get(n)
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ValueError(f"layer {n!r}: cost per rank {c!r} must be an int >= 1 (see rank_costs)")
+        out[n] = c
+    return out
+
+
+def optimal_ranks(
+    spectra: Mapping[str, torch.Tensor],
+    costs: Mapping[str, int],
+    budget: int,
+    r_min: int = 1,
+    r_max: int | None = None,
+) -> dict[str, int]:
+    """The ranks minimising ``sum_l e_l(r_l)`` with ``sum_l c_l r_l <= budget``, exactly (module docstring).
+
+    Args:
+        spectra: ``{name: S (k_l,)}`` singular values, descending (:func:`metric_spectrum`).
+        costs: ``{name: parameters per rank}`` (:func:`rank_costs`), positive ints.
+        budget: parameters to spend (an int).
+        r_min, r_max: every layer's rank lies in ``[r_min, r_max]`` (``r_max=None``: up to its k).
+
+    Returns ``{name: r}`` in ``spectra``'s order. Among optimal allocations it returns one where no layer's
+    next rank fits in the budget left (unless all are at ``r_max``).
+
+    Raises:
+        ValueError: ``budget`` below ``sum_l r_min c_l`` (it names that minimum), ``r_max`` or ``r_min``
+            beyond a layer's ``k`` (naming it), a spectrum that is not finite / non-negative / descending or
+            all zero, a missing or non-positive cost.
+    """
+    bounds = _bounds(spectra, r_min, r_max)
+    c = _check_costs(costs, bounds)
+    budget = _check_budget(budget)
+    forced = sum(lo * c[n] for n, (lo, _) in bounds.items())
+    if forced > budget:
+        raise ValueError(f"budget={budget} is below the {forced} parameters that r_min={r_min} costs over "
+                         f"{len(bounds)} layers; raise the budget or lower r_min")
+    left = budget - forced
+    gam = {n: _gammas(S, n) for n, S in spectra.items()}
+    names = list(bounds)
+    ranks = {n: lo for n, (lo, _) in bounds.items()}
+
+    # step 2: per cost class, its items sorted by gamma (stable: ties in layer order, then index order)
+    classes: dict[int, list[str]] = {}
+    for n in names:
+        if bounds[n][1] > bounds[n][0]:
+            classes.setdefault(c[n], []).append(n)
+    picked = []  # per class: (cost, owner (N,) layer index into names, gains sorted (N,))
+    for cost, members in classes.items():
+        g = torch.cat([gam[n][bounds[n][0]:bounds[n][1]] for n in members])  # (N,)
+        owner = torch.cat([torch.full((bounds[n][1] - bounds[n][0],), names.index(n)) for n in members])
+        order = torch.sort(g, descending=True, stable=True).indices
+        picked.append((cost, owner[order], g[order]))
+
+    # step 3: DP over classes on the lattice of g = gcd(costs); best[b] = max gain within b units. Only the
+    # last class needs no table (it is evaluated at b = units alone), so the class with most items goes last.
+    if picked and left > 0:
+        unit = math.gcd(*(cost for cost, _, _ in picked))
+        units = left // unit
+        afford = [min(g_sorted.numel(), units // (cost // unit)) for cost, _, g_sorted in picked]
+        order = sorted(range(len(picked)), key=afford.__getitem__)
+        best = torch.zeros(units + 1, dtype=F64)  # (units + 1,)
+        taken = {}  # class index -> items taken
+        tables = []  # (class index, argmax table (units + 1,)) for every class but the last
+        for pos, j in enumerate(order):
+            cost, _, g_sorted = picked[j]
+            step, K = cost // unit, afford[j]
+            G = torch.cat([g_sorted.new_zeros(1), g_sorted[:K].cumsum(0)])  # (K + 1,) fp64
+            if pos == len(order) - 1:
+                value = best[units - step * torch.arange(K + 1)] + G  # (K + 1,)
+                taken[j] = K - int(torch.argmax(value.flip(0)))  # ties: more items (less for the fill)
+                break
+            new, arg = best.clone(), torch.zeros(units + 1, dtype=torch.long)
+            for k in range(1, K + 1):
+                off = k * step
+                cand = best[: units + 1 - off] + G[k]
+                better = cand >= new[off:]  # ties: more items
+                new[off:] = torch.where(better, cand, new[off:])
+                arg[off:] = torch.where(better, k, arg[off:])
+            best = new
+            tables.append((j, arg))
+        b = units - taken[order[-1]] * (picked[order[-1]][0] // unit)
+        for j, arg in reversed(tables):
+            taken[j] = int(arg[b])
+            b -= taken[j] * (picked[j][0] // unit)
+        for j, k in taken.items():
+            for i, cnt in enumerate(torch.bincount(picked[j][1][:k], minlength=len(names)).tolist()):
+                ranks[names[i]] += cnt
+
+    # step 4: fill what is left while a next rank fits (gammas >= 0: never worse)
+    spare = left - sum((ranks[n] - bounds[n][0]) * c[n] for n in names)
+    while True:
+        fits = [n for n in names if ranks[n] < bounds[n][1] and c[n] <= spare]
+        if not fits:
+            break
+        n = max(fits, key=lambda m: float(gam[m][ranks[m]]))  # first of the largest: deterministic
+        ranks[n] += 1
+        spare -= c[n]
+    return ranks
+
+
+def threshold_ranks(
+    spectra: Mapping[str, torch.Tensor],
+    energy: float = 0.9,
+    r_min: int = 1,
+    r_max: int | None = None,
+) -> dict[str, int]:
+    """Per layer the smallest r with kept energy ``1 - e_l(r) >= energy``, clipped to ``[r_min, r_max]``.
+
+    ``spectra`` as in :func:`optimal_ranks`; ``energy`` in ``(0, 1]``. The kept energy is the fp64 cumulative
+    sum of the gammas; if rounding keeps it just under ``energy = 1``, the layer gets its k. Raises
+    ``ValueError`` for an energy outside ``(0, 1]`` and as :func:`optimal_ranks` for the bounds and spectra.
+    """
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+        raise ValueError(f"energy={energy!r} must be a fraction in (0, 1] (the share of each layer's energy kept)")
+    bounds = _bounds(spectra, r_min, r_max)
+    out = {}
+    for n, (lo, hi) in bounds.items():
+        kept = _gammas(spectra[n], n).cumsum(0)  # (k,) kept[r - 1] = 1 - e(r)
+        r = min(int(torch.searchsorted(kept, torch.tensor([float(energy)], dtype=F64))[0]) + 1, kept.numel())
+        out[n] = min(max(r, lo), hi)
+    return out
+
+
+# -------------------------------------------------------------------------------------- model-facing
+
+
+def _names(model: nn.Module, moments, metric: str, targets) -> list[str]:
+    if targets is not None:
+        return find_targets(model, targets)
+    if moments:
+        return find_targets(model, list(moments))
+    if metric != "identity":
+        raise ValueError(f"metric={metric!r} needs moments (covsvd.capture_moments(model, batches)); only "
+                         "metric='identity' can allocate without them")
+    return find_targets(model, None)
+
+
+def _checked_layers(model, moments, metric: str, targets, r_min: int, r_max: int | None) -> dict:
+    """``{name: (W (d_out, d_in), C)}`` for every target, each validated before any decomposition runs: ranks
+    ``r_min`` and ``r_max`` (``None``: k) within the layer's ``k = min(d_out, d_in)``, the moment present,
+    fitting, finite and holding ``>= r_max`` (or k) real tokens (what attach_adapters will require)."""
+    out = {}
+    for name in _names(model, moments, metric, targets):
+        module = model.get_submodule(name)
+        d_out, d_in = in_out_features(module)
+        k = min(d_out, d_in)
+        W = weight_matrix(module).detach()  # (d_out, d_in)
+        prefix = f"layer {name!r} (W ({d_out}, {d_in})): "
+        check_weight(W, prefix)
+        if r_min > k or (r_max is not None and r_max > k):
+            raise ValueError(f"{prefix}r_min={r_min} / r_max={r_max} beyond min(d_out, d_in) = {k}; use "
+                             f"r_max <= {k} or leave the layer out of targets")
+        C = None if metric == "identity" or moments is None else moments.get(name)
+        if metric != "identity" and C is None:
+            raise ValueError(f"{prefix}metric={metric!r} needs its second moment and moments has no entry for "
+                             f"it; capture it (covsvd.capture_moments(model, batches, targets=[{name!r}, ...])) "
+                             "or leave it out of targets")
+        moment_parts(C, metric, k if r_max is None else r_max, (d_out, d_in), prefix)
+        out[name] = (W, C)
+    return out
+
+
+def _spectra(layers: dict, metric: str, eps: float, eps_mode: str, solver: str, alpha: float,
+             progress: bool) -> dict[str, torch.Tensor]:
+    bar = tqdm(layers.items(), desc=f"spectra ({metric})", disable=not progress, leave=False)
+    return {name: metric_spectrum(W, C, metric, eps, eps_mode, solver=solver, alpha=alpha, name=name)
+            for name, (W, C) in bar}
+
+
+def layer_spectra(
+    model: nn.Module,
+    moments: Mapping | None,
+    metric: str = "full",
+    *,
+    eps: float = DEFAULT_EPS,
+    eps_mode: str = DEFAULT_EPS_MODE,
+    solver: str = "cholesky",
+    alpha: float = 0.5,
+    targets=None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``{name: metric_spectrum(W, moments[name], metric, ...)}`` (``(k,)`` fp64, descending) for every target.
+
+    ``targets``: a :func:`covsvd.find_targets` spec; default the keys of ``moments`` (every Linear / Conv1D
+    for ``metric="identity"`` without moments). Every layer is validated before the first decomposition
+    (as :func:`metric_spectrum` would, naming it); the model is only read. ``progress``: a tqdm bar over layers.
+    """
+    check_choice("metric", metric, METRICS, "unknown ")
+    return _spectra(_checked_layers(model, moments, metric, targets, 1, 1), metric, eps, eps_mode, solver, alpha,
+                    progress)
+
+
+def allocate_ranks(
+    model: nn.Module,
+    moments: Mapping | None,
+    budget: int | None,
+    metric: str = "full",
+    cost: str = "lora",
+    r_min: int = 1,
+    r_max: int | None = None,
+    rule: str = "optimal",
+    *,
+    eps: float = DEFAULT_EPS,
+    eps_mode: str = DEFAULT_EPS_MODE,
+    energy: float = 0.9,
+    targets=None,
+    solver: str = "cholesky",
+    alpha: float = 0.5,
+    progress: bool = True,
+) -> dict[str, int]:
+    """``{name: r}`` for every target: how to spread ``budget`` trainable parameters over the layers.
+
+    Args:
+        model: any module with ``nn.Linear`` / transformers ``Conv1D`` targets (only read).
+        moments: ``{name: SecondMoment}`` (:func:`covsvd.capture_moments`); ``None`` for ``metric="identity"``.
+        budget: trainable parameters (an int); for ``rule="threshold"`` an upper bound that is checked, or
+            ``None``.
+        metric, eps, eps_mode, solver, alpha: the orientation whose spectrum is allocated over (as in
+            :func:`covsvd.orient` / :func:`covsvd.attach_adapters`; decompositions in fp64).
+        cost: ``"lora"`` (a rank costs ``d_in + d_out``) or ``"gain"`` (1: the bounded-gain adapter's ``g``).
+        r_min, r_max: bounds on every layer's rank; ``r_min >= 1`` (an adapter needs a rank), ``r_max <= k``
+            of every layer (``None``: each layer's ``k = min(d_out, d_in)``).
+        rule: ``"optimal"`` (exact minimum of the summed squared relative errors within the budget) or
+            ``"threshold"`` (smallest r keeping ``energy`` of each layer's spectrum); module docstring.
+        targets: a :func:`covsvd.find_targets` spec (default: the keys of ``moments``).
+        progress: a tqdm bar over layers.
+
+    Every target is validated before any decomposition: its moment must exist, fit, be finite and hold at
+    least ``r_max`` (or k) real tokens, as :func:`covsvd.attach_adapters` will require of the ranks.
+
+    Raises:
+        ValueError: unknown ``cost`` / ``rule`` / ``metric``; ``budget`` below what ``r_min`` costs over all
+            targets; ``r_max`` beyond a layer's ``min(d_out, d_in)`` (naming it); a threshold allocation over
+            ``budget``; any moment problem (naming the layer and the fix).
+    """
+    check_choice("cost", cost, COSTS, "unknown ")
+    check_choice("rule", rule, RULES, "unknown ")
+    check_choice("metric", metric, METRICS, "unknown ")
+    if isinstance(r_min, bool) or not isinstance(r_min, int) or r_min < 1:
+        raise ValueError(f"r_min={r_min!r} must be an int >= 1 (attach_adapters needs r >= 1 in every layer)")
+    if rule == "optimal" or budget is not None:
+        _check_budget(budget)
+    if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < r_min):
+        raise ValueError(f"r_max={r_max!r} must be None or an int >= r_min={r_min}")
+    layers = _checked_layers(model, moments, metric, targets, r_min, r_max)
+    costs = rank_costs({n: tuple(W.shape) for n, (W, _) in layers.items()}, cost)
+    if rule == "optimal":  # fail on the budget before the decompositions
+        forced = r_min * sum(costs.values())
+        if forced > budget:
+            raise ValueError(f"budget={budget} is below the {forced} parameters that r_min={r_min} costs over "
+                             f"{len(costs)} layers (cost={cost!r}); raise the budget or lower r_min")
+    spectra = _spectra(layers, metric, eps, eps_mode, solver, alpha, progress)
+    if rule == "optimal":
+        return optimal_ranks(spectra, costs, budget, r_min, r_max)
+    ranks = threshold_ranks(spectra, energy, r_min, r_max)
+    spent = allocation_cost(ranks, costs)
+    if budget is not None and spent > budget:
+        raise ValueError(f"rule='threshold' at energy={energy} needs {spent} parameters (cost={cost!r}), over "
+                         f"budget={budget}; lower energy, raise the budget, or use rule='optimal'")
+    return ranks
