@@ -136,8 +136,7 @@ def brute_force_rows():
 def one_thread():
     """One intra-op thread while a module runs (restored after); modules opt in with
     ``pytestmark = pytest.mark.usefixtures("one_thread")``. For small matrices on a shared 2-core machine
-    torch's default thread pool oversubscribes: test_adapter took 36 s with one thread vs 658 s with the
-    default under background load."""
+    torch's default thread pool oversubscribes (its threads spin-wait), which slows these modules many times."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

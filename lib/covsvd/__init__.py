@@ -29,12 +29,17 @@ from .cache import cache_path, cached_capture
 from .capture import MomentCapture, capture_moments
 from .corpus import calibration_batches, count_tokens, passages
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp
+from .init import init_adapters
 from .io import load_moments, save_moments
+from .layerwise import find_blocks, iter_block_moments
 from .layer import BoundedGainLinear
+from .lora_delta import export_lora_delta
 from .measures import functional_error, identity_error, principal_angles
+from .memory import MemoryEstimate, estimate_memory
 from .models import default_model_path, load_default_model, load_model, model_identity
 from .moments import SecondMoment
 from .orient import METRICS, Oriented, orient
+from .peft_export import export_peft
 from .serialize import load_adapters, save_adapters
 from .targets import find_targets, weight_matrix
 from .version import __version__
@@ -46,6 +51,7 @@ __all__ = [
     "AttachReport",
     "BoundedGainLinear",
     "Damped",
+    "MemoryEstimate",
     "MomentCapture",
     "Oriented",
     "SecondMoment",
@@ -62,9 +68,15 @@ __all__ = [
     "default_model_path",
     "detach_adapters",
     "disable_adapters",
+    "export_lora_delta",
+    "estimate_memory",
+    "export_peft",
+    "find_blocks",
     "find_targets",
     "functional_error",
     "identity_error",
+    "init_adapters",
+    "iter_block_moments",
     "load_adapters",
     "load_default_model",
     "load_model",

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_choice, check_weight, where
+from .checks import check_choice, check_count, check_weight, where
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
 from .orient import metric_factor, right_factor
 from .targets import find_targets, in_out_features, weight_matrix
@@ -109,12 +109,11 @@ def _gammas(S: torch.Tensor, name: str) -> torch.Tensor:
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or bool((s[1:] > s[:-1]).any()):
         raise ValueError(f"layer {name!r}: the spectrum {tuple(s.shape)} must be finite, >= 0 and descending "
                          "(torch.linalg.svdvals order)")
-    s2 = s * s
-    total = float(s2.sum())
-    if total <= 0:
+    if float(s[0]) == 0.0:
         raise ValueError(f"layer {name!r}: W T is zero (all {s.numel()} singular values are 0), so its relative "
                          "error is undefined; leave the layer out of targets")
-    return s2 / total
+    s2 = (s / s[0]) ** 2  # scaled by the largest first: no underflow / overflow in the squares
+    return s2 / s2.sum()
 
 
 def dropped_energy(S: torch.Tensor) -> torch.Tensor:
@@ -163,8 +162,7 @@ def _bounds(spectra: Mapping[str, torch.Tensor], r_min: int, r_max: int | None) 
     """``{name: (lo, hi)}``: ``r_min`` and ``r_max`` (default: each layer's k), checked against every layer."""
     if not spectra:
         raise ValueError("no layers to allocate ranks to (spectra is empty)")
-    if isinstance(r_min, bool) or not isinstance(r_min, int) or r_min < 0:
-        raise ValueError(f"r_min={r_min!r} must be an int >= 0")
+    check_count("r_min", r_min, 0)
     if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < r_min):
         raise ValueError(f"r_max={r_max!r} must be None or an int >= r_min={r_min}")
     out = {}
@@ -176,12 +174,6 @@ def _bounds(spectra: Mapping[str, torch.Tensor], r_min: int, r_max: int | None) 
                              f"(its number of singular values); use r_max <= {k} or leave the layer out")
         out[n] = (r_min, hi)
     return out
-
-
-def _check_budget(budget) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise ValueError(f"budget={budget!r} must be an int >= 0 (trainable parameters)")
-    return budget
 
 
 def _check_costs(costs: Mapping[str, int], names) -> dict[str, int]:
@@ -219,7 +211,7 @@ def optimal_ranks(
     """
     bounds = _bounds(spectra, r_min, r_max)
     c = _check_costs(costs, bounds)
-    budget = _check_budget(budget)
+    check_count("budget", budget, 0)
     forced = sum(lo * c[n] for n, (lo, _) in bounds.items())
     if forced > budget:
         raise ValueError(f"budget={budget} is below the {forced} parameters that r_min={r_min} costs over "
@@ -426,10 +418,9 @@ def allocate_ranks(
     check_choice("cost", cost, COSTS, "unknown ")
     check_choice("rule", rule, RULES, "unknown ")
     check_choice("metric", metric, METRICS, "unknown ")
-    if isinstance(r_min, bool) or not isinstance(r_min, int) or r_min < 1:
-        raise ValueError(f"r_min={r_min!r} must be an int >= 1 (attach_adapters needs r >= 1 in every layer)")
+    check_count("r_min", r_min, 1)  # attach_adapters needs r >= 1 in every layer
     if rule == "optimal" or budget is not None:
-        _check_budget(budget)
+        check_count("budget", budget, 0)
     if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < r_min):
         raise ValueError(f"r_max={r_max!r} must be None or an int >= r_min={r_min}")
     layers = _checked_layers(model, moments, metric, targets, r_min, r_max)

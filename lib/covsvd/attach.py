@@ -100,6 +100,16 @@ class AttachReport:
     settings: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
+    def to_polars(self):
+        """The rows as a polars DataFrame (polars is a lab dependency, imported here only: ``import covsvd`` never
+        loads it). Raises ``ImportError`` naming the extra when polars is missing."""
+        try:
+            import polars as pl
+        except ImportError as e:
+            raise ImportError("AttachReport.to_polars needs polars: pip install 'covsvd[lab]' "
+                              "(or use report.rows, a list of dicts)") from e
+        return pl.DataFrame(self.rows)
+
     @property
     def trainable(self) -> int:
         return sum(r["trainable"] for r in self.rows)

@@ -20,7 +20,8 @@ Capture never builds a KV cache: ``use_cache=False`` is passed to a forward that
 Devices and dtypes: the accumulators live on the model's device (``layerwise=True``: each block's). Rows of a
 bf16 / fp16 / fp32 model are cast to the Gram product's dtype (fp64, or fp32 for ``accumulate="float32"``)
 before the product, never multiplied in half precision; the sums are fp64. On CUDA, ``accumulate="float32"``
-with TF32 matmuls enabled raises (:func:`tf32_matmuls`) rather than silently computing TF32 products.
+with TF32 matmuls enabled raises (:func:`covsvd.checks.check_no_tf32`) rather than silently computing TF32
+products.
 
 ``layerwise=True`` (:mod:`covsvd.layerwise`): the data goes through the model one transformer block at a time,
 so only one block's accumulators exist at a time.
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from .checks import check_no_tf32
 from .gram import ACCUMULATE, gram_dtype
 from .hooks import InputHooks, SharedInputs
 from .models import model_identity
@@ -49,24 +51,6 @@ def module_device(module: nn.Module) -> torch.device:
     for b in module.buffers():
         return b.device
     return torch.device("cpu")
-
-
-def tf32_matmuls() -> bool:
-    """True when CUDA fp32 matmuls may run in TF32 (``allow_tf32``, ``fp32_precision="tf32"`` or a float32
-    matmul precision other than ``"highest"``)."""
-    matmul = torch.backends.cuda.matmul
-    return bool(matmul.allow_tf32) or getattr(matmul, "fp32_precision", "none") == "tf32" or (
-        torch.get_float32_matmul_precision() != "highest")
-
-
-def check_no_tf32(accumulate: str, device: torch.device) -> None:
-    """Raise when ``accumulate="float32"`` products on ``device`` (CUDA) would silently run in TF32."""
-    if accumulate == "float32" and device.type == "cuda" and tf32_matmuls():
-        raise ValueError(
-            "accumulate='float32' with TF32 matmuls enabled would compute the products in TF32; set "
-            "torch.backends.cuda.matmul.allow_tf32 = False and torch.set_float32_matmul_precision('highest'), "
-            "or use accumulate='float64'"
-        )
 
 
 def _to(value, device: torch.device):
@@ -139,7 +123,8 @@ class MomentCapture:
     On enter: the model is put in eval mode and forward pre-hooks are installed; on exit (also when an
     error was raised) the hooks are removed and every module's train/eval flag restored. Each ``add``
     runs the forward under ``torch.no_grad()`` (the caller's grad mode is untouched). Arguments as in
-    :func:`capture_moments`.
+    :func:`capture_moments`; ``device``: where the accumulators live (default: the model's device).
+    :meth:`run` feeds any call instead of the model's forward (one transformer block: :mod:`covsvd.layerwise`).
     """
 
     def __init__(
@@ -161,7 +146,7 @@ class MomentCapture:
         self.model, self.kind, self.accumulate, self.token_mask = model, kind, accumulate, token_mask
         self.dtype = gram_dtype(accumulate)  # of the Gram products (and the row copies)
         self.device = torch.device(device) if device is not None else module_device(model)
-        check_no_tf32(accumulate, self.device)
+        check_no_tf32(self.device, (self.dtype,), "capture with accumulate='float32'", "use accumulate='float64'")
         self.names = find_targets(model, targets)
         modules = dict(model.named_modules())
         self.d_in = {n: in_out_features(modules[n])[1] for n in self.names}

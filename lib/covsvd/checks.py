@@ -46,3 +46,41 @@ def check_weight(W, prefix: str = "") -> tuple[int, int]:
                          "first (e.g. from_pretrained without device_map='meta' / init_empty_weights)")
     check_finite(W, "W", prefix)
     return tuple(W.shape)
+
+
+def check_count(what: str, value, minimum: int = 0, prefix: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{prefix}{what}={value!r} must be an int >= {minimum}")
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA float32 matmuls may run in TF32 (a 10-bit mantissa) under the current torch settings.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` (``"tf32"`` = on; it reflects the legacy
+    ``allow_tf32`` flag, ``torch.backends.fp32_precision`` and ``torch.set_float32_matmul_precision`` too) where
+    this torch has it, else the legacy ``allow_tf32``. Never changes a setting (reading the legacy flag after the
+    new API was used raises in recent torch, so the new one is read first).
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if isinstance(precision, str):
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def check_no_tf32(device: torch.device | str, dtypes, what: str, fix: str, prefix: str = "") -> None:
+    """Raise ``ValueError`` when float32 products in ``dtypes`` would run on a CUDA ``device`` with TF32 enabled.
+
+    covsvd never computes silently in TF32 and never flips the global flag for the caller: the error names
+    the setting and the fix (turn TF32 off around the call, or ``fix``, e.g. compute in float64). CPU and
+    float64-only work pass.
+    """
+    if torch.device(device).type != "cuda" or torch.float32 not in tuple(dtypes) or not tf32_enabled():
+        return
+    raise ValueError(
+        f"{prefix}{what} computes float32 matrix products on {device}, and TF32 matmuls are enabled "
+        "(torch.backends.cuda.matmul.fp32_precision == 'tf32', e.g. via allow_tf32 = True or "
+        "torch.set_float32_matmul_precision('high')): they would silently run with a 10-bit mantissa. Fix: "
+        "set torch.backends.cuda.matmul.fp32_precision = 'ieee' (legacy: allow_tf32 = False) for the call, "
+        f"or {fix}")

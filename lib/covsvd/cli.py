@@ -54,10 +54,6 @@ def say(*args) -> None:
         print(*args, flush=True)
 
 
-def gib(n: int | float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 # ---------------------------------------------------------------------------------------- launching
 
 
@@ -119,6 +115,8 @@ def resolve_device(spec: str, local_rank: int | None = None):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CLIError(f"--device {spec}: CUDA is not available (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         if local_rank is not None:
             if device.index is not None:
                 raise CLIError(f"--device {spec} under torchrun: pass --device cuda, each process takes "
@@ -207,24 +205,41 @@ def free_memory(device) -> int | None:
         return None
 
 
-def check_memory(model, device, targets, kind: str, layerwise: bool, accumulate: str) -> None:
-    """Print :func:`covsvd.estimate_memory` beside the device's free memory; raise :class:`CLIError` naming
-    the fixes when the accumulators alive at once (all of them, or one block's with ``layerwise``) exceed it."""
+def check_memory(model, device, targets, kind: str, accumulate: str, layerwise: bool, streams: bool,
+                 diag_flag: str) -> None:
+    """Print :func:`covsvd.estimate_memory` beside the free memory; raise :class:`CLIError` naming the fixes when
+    what the run holds at once does not fit.
+
+    On ``device``: every accumulator, or one block's with ``layerwise``. Unless the run ``streams`` (a
+    streaming init frees each block's moments), the finished moments of every target also end up together on
+    the host (a layerwise capture offloads them there; the file is written from there), so the CPU must hold
+    all of them as well.
+    """
+    import torch
+
+    from covsvd.memory import _bytes as gib
     from covsvd.memory import estimate_memory
 
     est = estimate_memory(model, targets, kind, layerwise, accumulate=accumulate)
-    need = est.layerwise_peak_bytes if layerwise else est.total_bytes
-    free = free_memory(device)
-    say(f"memory estimate ({kind}, {accumulate} products, fp64 sums): every accumulator {gib(est.total_bytes)}, "
-        f"layerwise peak {gib(est.layerwise_peak_bytes)}; this run holds {gib(need)} at once; "
-        + (f"free on {device}: {gib(free)}" if free is not None else f"free memory on {device} unknown: not checked"))
-    if free is not None and need > free:
-        fixes = [] if layerwise else ["--layerwise (one block's accumulators at a time)"]
+    needs = {device: est.peak_bytes}
+    if not streams:
+        cpu = torch.device("cpu")
+        needs[cpu] = max(needs.get(cpu, 0), est.total_bytes)
+    free = {d: free_memory(d) for d in needs}
+    say(f"memory estimate (kind {kind}, fp64 sums): every accumulator {gib(est.total_bytes)}, one block "
+        f"{gib(est.layerwise_peak_bytes)}; this run holds " + ", ".join(
+            f"{gib(n)} on {d} ({'free ' + gib(free[d]) if free[d] is not None else 'free memory unknown: not checked'})"
+            for d, n in needs.items()))
+    over = [f"{gib(n)} on {d} ({gib(free[d])} free)" for d, n in needs.items() if free[d] is not None and n > free[d]]
+    if over:
+        fixes = ["--layerwise (one block's accumulators on the GPU at a time)"] if (
+            device.type == "cuda" and not layerwise) else []
+        if not streams:
+            fixes.append("`covsvd init --layerwise --format covsvd` (streams: one block's moments at a time)")
         if kind == "full":
-            fixes.append("--kind diag / --metric diag (O(d_in) per layer)")
+            fixes.append(f"{diag_flag} (O(d_in) per layer)")
         fixes.append("fewer targets (--targets REGEX)")
-        raise CLIError(f"the accumulators need {gib(need)} but {device} has {gib(free)} free; use "
-                       + ", or ".join(fixes))
+        raise CLIError(f"the accumulators need {' and '.join(over)}: use " + ", or ".join(fixes))
 
 
 # ------------------------------------------------------------------------------------------ capture
@@ -239,7 +254,8 @@ def run_capture(args: argparse.Namespace) -> int:
         batches = make_batches(args, tokenizer)
         n_tokens = covsvd.count_tokens(batches)
         mine = launch.shard(batches)
-        check_memory(model, launch.device, args.targets, args.kind, args.layerwise, args.accumulate)
+        check_memory(model, launch.device, args.targets, args.kind, args.accumulate, args.layerwise, streams=False,
+                     diag_flag="--kind diag")
         t1 = time.perf_counter()
         moments = covsvd.capture_moments(
             model, mine, targets=args.targets, kind=args.kind, progress=args.progress and launch.rank == 0,
@@ -260,6 +276,8 @@ def run_capture(args: argparse.Namespace) -> int:
 
 def run_init(args: argparse.Namespace) -> int:
     import covsvd
+    from covsvd.init import init_adapters
+    from covsvd.peft_export import export_peft
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -279,11 +297,14 @@ def run_init(args: argparse.Namespace) -> int:
             moments = covsvd.load_moments(args.moments, model)
         elif kind is not None:
             batches = make_batches(args, tokenizer)
-            check_memory(model, launch.device, args.targets, kind, args.layerwise, args.accumulate)
-            if stream and launch.world == 1:  # capture a block, orient, attach, free its moments
-                report = covsvd.init_adapters(
+            stream = stream and launch.world == 1
+            check_memory(model, launch.device, args.targets, kind, args.accumulate, args.layerwise, stream,
+                         diag_flag="--metric diag")
+            if stream:  # capture a block, orient, attach, free its moments
+                report = init_adapters(
                     model, batches, args.r, args.metric, layerwise=True, targets=args.targets, kind=kind,
-                    token_mask=token_mask(args), moments_dir=args.moments_dir, progress=args.progress, **orient_kw)
+                    token_mask=token_mask(args), moments_dir=args.moments_dir, progress=args.progress,
+                    accumulate=args.accumulate, **orient_kw)
             else:
                 moments = covsvd.capture_moments(
                     model, launch.shard(batches), targets=args.targets, kind=kind,
@@ -294,7 +315,7 @@ def run_init(args: argparse.Namespace) -> int:
             return 0
         targets = args.targets if moments is None else None  # None: every captured layer
         if args.format == "peft":
-            covsvd.export_peft(model, moments, out, args.r, args.metric, targets=targets, tokenizer=tokenizer,
+            export_peft(model, moments, out, args.r, args.metric, targets=targets, tokenizer=tokenizer,
                                overwrite=args.overwrite, progress=args.progress, **orient_kw)
         else:
             if report is None:

@@ -3,7 +3,7 @@ batch: pure tensor functions, ``out`` tensors fp64 and updated in place.
 
 Only the upper block triangle of ``x^T x`` is multiplied (the matrix is symmetric), one GEMM per panel of rows
 (:func:`add_gram_upper_`, widths from :func:`gram_block`); the lower blocks are mirrored once at the end
-(:func:`mirror_lower_`). Panel widths were chosen by measurement (bench/results/capture.md).
+(:func:`mirror_lower_`). Panel widths were chosen by measurement (bench/results/gram_panels.md).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 ACCUMULATE = ("float64", "float32")
 # Panel width of the upper-triangular Gram product (see add_gram_upper_): k panels skip (k - 1) / 2k of the
-# multiply-adds, but narrow panels make slower GEMMs; the widths are the measured optimum (bench/results/capture.md).
+# multiply-adds, but narrow panels make slower GEMMs; the widths are the measured optimum (bench/results/gram_panels.md).
 GRAM_PANEL_NARROW, GRAM_PANEL_WIDE = 128, 256  # below / from d_in 1024
 
 
@@ -73,8 +73,8 @@ def mirror_lower_(out: torch.Tensor, block: int | None = None) -> torch.Tensor:
 def add_column_sums_(out: torch.Tensor, x: torch.Tensor, ones: torch.Tensor | None = None) -> None:
     """``out += sum over the rows of x`` ``(N, d)``: ``out`` ``(d,)`` fp64.
 
-    fp64 rows: one BLAS matrix-vector product ``x^T 1`` accumulated into ``out`` (``addmv_``, fp64; on CPU
-    1.6x-1.7x faster than ``x.sum(0)``, which reduces along the strided dimension); ``ones``: an fp64 vector
+    fp64 rows: one BLAS matrix-vector product ``x^T 1`` accumulated into ``out`` (``addmv_``, fp64; faster on CPU
+    than ``x.sum(0)``, which reduces along the strided dimension); ``ones``: an fp64 vector
     of at least ``N`` ones to reuse. Other dtypes: ``x.sum(0)`` accumulated in fp64.
     """
     if x.dtype == torch.float64:

@@ -282,6 +282,7 @@ def iter_block_moments(
                 if i > last and i > 0 and not after:
                     break  # nothing left to capture downstream
                 reused = reuse(bname, inside[bname]) if reuse is not None and inside[bname] else None
+                before: dict[str, SecondMoment] = {}
                 with ExitStack() as stack:
                     cap = (stack.enter_context(MomentCapture(model, inside[bname], device=module_device(block),
                                                              **options)) if inside[bname] and reused is None else None)
@@ -302,9 +303,10 @@ def iter_block_moments(
                         after = [n for n in outside if n not in seen]
                         before = finish(pre, seen) if seen else {}
                     done = finish(cap) if cap is not None else reused
-                if i == 0 and pre is not None and before:
+                    del cap, pre  # their row buffers too: nothing of this block's capture outlives it
+                if before:
                     yield BEFORE, before
-                    del before
+                del before
                 if done:
                     yield bname, done
                 del done

@@ -1,7 +1,7 @@
 """Trained bounded-gain adapters as a plain peft LoRA on the *original* base, at rank r.
 
 A trained :class:`~covsvd.BoundedGainLinear` computes ``W_res + U R_U^T diag(S_eff) R_V P`` where the original
-weight is ``W = W_res + U diag(S) P``. The change::
+weight is ``W = W_res + U diag(S) P`` (docs/algebra.md, "Bounded-gain adapter", "Rotation arms"). The change::
 
     delta = U (R_U^T diag(S_eff) R_V - diag(S)) P = U K P        K (r, r)  (BoundedGainLinear.delta_core)
 

@@ -3,7 +3,7 @@ and the exact residual ``W_res = W - U diag(S) P``. Pure tensors; nothing is mut
 
 Every metric is one right factor ``T`` of the weight (docs/algebra.md, "Orientation by a metric")::
 
-    W T = U S Vh  (exact SVD, covsvd.thinsvd)     U_r, S_r, Vh_r = the r kept triplets     P_r = Vh_r T^{-1}
+    W T = U S Vh  (covsvd.thinsvd: exact, or randomized)     U_r, S_r, Vh_r = the r kept triplets     P_r = Vh_r T^{-1}
 
     identity  T = I                      P = Vh                      (PiSSA-style top-r)
     diag      T = diag(sqrt(c + eps))    P = Vh * (c + eps)^-1/2     (ASVD-style; c = diag C, column broadcast)
@@ -15,6 +15,10 @@ with ``M = C + eps I`` (:mod:`covsvd.damping`). Because ``Vh_r = S_r^{-1} U_r^T 
 ``U_r S_r P_r = U_r U_r^T W``: the orthogonal projection of W onto an r-dimensional output subspace, which
 metric chooses. ``full`` chooses the Eckart-Young optimum under M; ``corda`` is the optimum under ``M^2``
 (its P rows are ``M^2``-orthonormal, not M-orthonormal), a different basis.
+
+The steps, each a pure function below: validate (:func:`covsvd.validate.orient_options`,
+:func:`covsvd.validate.moment_parts`) -> :func:`metric_factor` -> :func:`right_factor` -> :func:`decompose`
+-> :func:`back_factor` -> :func:`residual` -> :func:`diagnostics`. Everything runs on ``W``'s device.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import check_choice, check_rank, check_weight, where
-from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, EPS_MODES, SOLVERS, Damped, damp, resolve_eps
+from .checks import where
+from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp, resolve_eps
 from .measures import quad
-from .thinsvd import COMPONENTS, kept, truncated_svd
-from .validate import FULL_METRICS, METRICS, moment_parts
+from .thinsvd import kept, randomized_svd, truncated_svd
+from .validate import FULL_METRICS, METRICS, moment_parts, orient_options
 
 __all__ = ["METRICS", "Oriented", "orient"]
 
@@ -38,8 +42,8 @@ class Oriented(NamedTuple):
 
     ``U (d_out, r)``, ``S (r,)``, ``P (r, d_in)`` in the storage dtype; ``W_res (d_out, d_in)`` in fp32
     (fp64 when the storage dtype is fp64), formed from the *rounded* factors so that
-    ``W_res + U diag(S) P == W`` to the rounding of that dtype ("bf16-tight"). ``info``: a plain dict,
-    keys documented in :func:`orient`.
+    ``W_res + U diag(S) P == W`` to the rounding of that dtype ("bf16-tight"). All on ``W``'s device.
+    ``info``: a plain dict, keys documented in :func:`orient`.
     """
 
     U: torch.Tensor
@@ -47,6 +51,13 @@ class Oriented(NamedTuple):
     P: torch.Tensor
     W_res: torch.Tensor
     info: dict
+
+
+class Energy(NamedTuple):
+    """Squared Frobenius norms (fp64 floats) of ``A = W T`` and of what the kept triplets leave out of it."""
+
+    total: float  # ||A||_F^2
+    dropped: float  # ||A - U_r diag(S_r) Vh_r||_F^2
 
 
 def orient(
@@ -62,22 +73,28 @@ def orient(
     alpha: float = 0.5,
     compute_dtype: torch.dtype = torch.float64,
     storage_dtype: torch.dtype | None = None,
+    svd: str = "exact",
+    oversample: int = 10,
+    power_iters: int = 2,
+    seed: int = 0,
     name: str | None = None,
 ) -> Oriented:
-    """Orient ``W (d_out, d_in)`` by ``metric`` at rank ``r``: ``Oriented(U, S, P, W_res, info)``.
+    """Orient ``W (d_out, d_in)`` by ``metric`` at rank ``r``: ``Oriented(U, S, P, W_res, info)``, on W's device.
 
     Args:
         W: the weight, Linear convention ``(d_out, d_in)`` (Conv1D: use ``covsvd.weight_matrix``).
         C: a :class:`~covsvd.SecondMoment` (preferred: its ``count`` is checked against r and ``asvd``
             needs its ``mean_abs``), a ``(d_in, d_in)`` tensor ``E[x x^T]``, a ``(d_in,)`` diagonal
-            ``E[x_i^2]`` (diag / identity only), or ``None`` (identity only).
+            ``E[x_i^2]`` (diag / identity only), or ``None`` (identity only). Moved to W's device.
         r: rank, ``1 <= r <= min(d_out, d_in)``.
         metric: ``"identity"``, ``"diag"``, ``"full"``, ``"corda"`` or ``"asvd"`` (module docstring).
-        eps, eps_mode: damping ``M = C + eps I`` (``"relative"``: ``eps * mean(diag C)``; for ``asvd`` the
-            diagonal damped is ``s^2`` and relative means ``eps * mean(s^2)``). Default 1e-3 absolute, see
-            ``covsvd.damping.DEFAULT_EPS`` for why. For ``identity`` it only enters ``info["rel_error"]``.
+        eps, eps_mode: damping ``M = C + eps I``; ``"relative"`` adds ``eps * mean(diag C)``, ``"absolute"``
+            adds ``eps`` (for ``asvd`` the diagonal damped is ``s^2``, relative to ``mean(s^2)``). Default
+            ``covsvd.DEFAULT_EPS`` relative (see ``covsvd.damping`` for why): scaling the inputs x by any
+            ``a > 0`` then leaves U, the row space of P and ``U S P`` unchanged (S scales by a, P by 1/a).
+            For ``identity`` eps only enters ``info["rel_error"]``.
         components: ``"top"`` keeps the r largest singular directions of ``W T``; ``"bottom"`` the r
-            smallest (CorDA's knowledge-preserving mode), still in descending order.
+            smallest (CorDA's knowledge-preserving mode; exact SVD only), still in descending order.
         solver: ``"cholesky"`` (default; fast, no eigenvalue clamp, raises if ``C + eps I`` is not
             positive definite) or ``"eigh"`` (the definition: clamp C's eigenvalues at 0, then add eps;
             exact cond). Only ``full`` / ``corda`` factor a matrix; diagonal metrics clamp exactly.
@@ -86,51 +103,54 @@ def orient(
             **float64 by default**; float32 allowed (measured accuracy in bench/orient.py).
         storage_dtype: the dtype of the returned U, S, P (default: ``W.dtype``). ``W_res`` is formed in
             fp32 (fp64 if storage is fp64) from the factors *after* rounding to it.
+        svd: ``"exact"`` (default; :func:`covsvd.thinsvd.truncated_svd`) or ``"randomized"``
+            (:func:`covsvd.thinsvd.randomized_svd`, top components only): a sketch of ``r + oversample``
+            columns (clamped to ``min(d_out, d_in)``), ``power_iters`` QR-stabilised subspace iterations,
+            Gaussian test matrix from a ``torch.Generator`` on W's device seeded with ``seed``:
+            deterministic for a seed on a given device. The residual identity is exact either way (W_res is
+            formed from the factors returned); only the optimality of the truncation is approximate.
         name: a layer name, used in error messages.
 
+    Raises:
+        ValueError: a bad option or moment (:func:`covsvd.validate.orient_options`,
+            :func:`covsvd.validate.moment_parts`), ``C + eps I`` not positive definite for ``solver="cholesky"``
+            (:func:`covsvd.damping.damp`), or float32 products on CUDA with TF32 enabled (never run silently).
+
     ``info`` (a dict of Python scalars and strings):
-        ``metric, components, solver, r, compute_dtype, storage_dtype, name``;
-        ``eps``: the absolute eps added to the metric that oriented (``eps_mode``, ``eps_arg`` the input);
-        ``cond``: cond_2 of that damped metric M (1.0 for identity); ``cond_method``: ``"exact"`` (diag,
-        eigh) or ``"lanczos-16 (lower bound)"`` (cholesky; see ``Damped.cond``);
-        ``clamped``: eigenvalues of C clamped at 0 (eigh / diag) or ``None`` (cholesky does not clamp);
-        ``energy_kept``: ``sum S_r^2 / sum S^2`` of ``W T`` (the metric's own energy; for corda that is
-        under ``M^2``); ``rel_error``: the functional truncation error
-        ``||(W - U S P) M^{1/2}||_F / ||W M^{1/2}||_F`` with M the damped data moment you passed (the full
-        C if you passed it, else its diagonal, else I), computed in ``compute_dtype`` before rounding;
-        ``error_metric``: which M that was; ``count``: real tokens behind C (SecondMoment only).
+        ``metric, components, solver, r, compute_dtype, storage_dtype, device, name``;
+        ``eps``: the absolute eps added to the metric that oriented, ``eps_mode`` the mode that produced it
+        from ``eps_arg`` (the input); ``cond``: cond_2 of that damped metric M (1.0 for identity);
+        ``cond_method``: ``"exact"`` (diag, eigh) or ``"lanczos-16 (lower bound)"`` (cholesky; see
+        ``Damped.cond``); ``clamped``: eigenvalues of C clamped at 0 (eigh / diag) or ``None`` (cholesky does
+        not clamp); ``svd``: the route, and for ``"randomized"`` also ``oversample, power_iters, seed`` and
+        ``sketch`` (the columns actually drawn);
+        ``energy_kept``: ``sum S_r^2 / ||W T||_F^2`` (the metric's own energy; for corda that is under
+        ``M^2``). ``||W T||_F^2`` is computed directly, so with a randomized SVD (where only the top
+        ``sketch`` singular values are known) this is still the energy the returned factors keep;
+        ``rel_error``: the functional truncation error ``||(W - U S P) M^{1/2}||_F / ||W M^{1/2}||_F`` of the
+        returned factors with M the damped data moment you passed (the full C if you passed it, else its
+        diagonal, else I), computed in ``compute_dtype`` before rounding; ``error_metric``: which M that was;
+        ``count``: real tokens behind C (SecondMoment only).
     """
     prefix = where(name)
-    check_choice("metric", metric, METRICS, f"{prefix}unknown ")
-    check_choice("components", components, COMPONENTS, prefix)
-    check_choice("solver", solver, SOLVERS, prefix)
-    check_choice("eps_mode", eps_mode, EPS_MODES, prefix)
-    if compute_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{prefix}compute_dtype={compute_dtype}; decompositions run in float64 (default) or float32")
-    if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
-        check_weight(W, prefix)  # raises, naming what W is
-    d_out, d_in = W.shape
-    check_rank(r, d_out, d_in, prefix)
-    storage = W.dtype if storage_dtype is None else storage_dtype
-    if not storage.is_floating_point:
-        raise ValueError(f"{prefix}storage_dtype={storage_dtype} must be a floating dtype")
-    check_weight(W, prefix)
-    mat, dg, mabs, count = moment_parts(C, metric, r, (d_out, d_in), prefix)
-
+    storage = orient_options(W, r, metric, eps, eps_mode, components, solver, compute_dtype, storage_dtype, svd,
+                             oversample, power_iters, seed, prefix)
+    mat, dg, mabs, count = moment_parts(C, metric, r, tuple(W.shape), prefix)
     with torch.no_grad():
         Wc = W.detach().to(compute_dtype)  # (d_out, d_in)
-        to = dict(dtype=compute_dtype, device=Wc.device)
-        mat, dg, mabs = (None if t is None else t.to(**to) for t in (mat, dg, mabs))
+        mat, dg, mabs = (None if t is None else t.to(dtype=compute_dtype, device=Wc.device) for t in (mat, dg, mabs))
         own = metric_factor(metric, mat, dg, mabs, eps, eps_mode, solver, alpha, compute_dtype, name)
-        U, S_all, Vh = truncated_svd(right_factor(Wc, own, metric), r, components)  # (d_out, r), (k,), (r, d_in)
-        sl = kept(S_all.shape[0], r, components)
+        U, S, Vh, energy, sketch = decompose(right_factor(Wc, own, metric), r, components, svd, oversample,
+                                             power_iters, seed)  # (d_out, r), (r,), (r, d_in)
         P = back_factor(Vh, own, metric)  # (r, d_in) Vh_r T^{-1}
-        Us, Ss, Ps, W_res = residual(W, U, S_all[sl], P, storage)
-        info = diagnostics(Wc, U, S_all, sl, P, own, mat, dg, C is None, metric, eps, eps_mode)
+        Us, Ss, Ps, W_res = residual(W, U, S, P, storage)
+        info = diagnostics(Wc, U, S, P, energy, own, mat, dg, C is None, metric, eps, eps_mode)
     info.update(metric=metric, components=components, solver=solver if metric in FULL_METRICS else "n/a", r=r,
-                eps_mode=eps_mode, eps_arg=float(eps), count=count,
+                eps_mode=eps_mode, eps_arg=float(eps), count=count, svd=svd,
                 compute_dtype=str(compute_dtype).removeprefix("torch."),
-                storage_dtype=str(storage).removeprefix("torch."), name=name)
+                storage_dtype=str(storage).removeprefix("torch."), device=str(W.device), name=name)
+    if svd == "randomized":
+        info.update(oversample=oversample, power_iters=power_iters, seed=seed, sketch=sketch)
     if metric == "asvd":
         info["alpha"] = alpha
     return Oriented(Us, Ss, Ps, W_res, info)
@@ -156,6 +176,32 @@ def right_factor(W: torch.Tensor, own: Damped | None, metric: str) -> torch.Tens
     return own.mul(W) if metric == "corda" else own.factor(W)
 
 
+def decompose(A: torch.Tensor, r: int, components: str, svd: str, oversample: int, power_iters: int, seed: int):
+    """``(U_r (m, r), S_r (r,), Vh_r (r, n), energy, known)`` of ``A = W T`` ``(m, n)``, in A's dtype, on A's device.
+
+    ``svd="exact"``: :func:`~covsvd.thinsvd.truncated_svd`, the r triplets of ``components``; ``energy.dropped``
+    sums the other squared singular values. ``svd="randomized"``: :func:`~covsvd.thinsvd.randomized_svd` (top
+    only), Gaussian sketch from a generator on A's device seeded with ``seed``; only its singular values are
+    known, so ``energy`` is measured on A itself: ``total = ||A||_F^2`` and ``dropped = ||A - U_r S_r Vh_r||_F^2``
+    (fp64 sums), the error of the factors returned rather than the optimal tail. ``known``: how many singular
+    values of A were computed (``min(m, n)`` for exact, the sketch size for randomized).
+    """
+    f64 = torch.float64
+    if svd == "exact":
+        U, S_all, Vh = truncated_svd(A, r, components)  # (m, r), (k,), (r, n)
+        sl = kept(S_all.shape[0], r, components)
+        S2 = S_all.to(f64) ** 2  # (k,)
+        drop = torch.ones_like(S2, dtype=torch.bool)
+        drop[sl] = False
+        return U, S_all[sl], Vh, Energy(float(S2.sum()), float(S2[drop].sum())), S_all.shape[0]
+    generator = torch.Generator(device=A.device).manual_seed(seed)
+    U, S_known, Vh = randomized_svd(A, r, oversample, power_iters, generator)  # (m, r), (l,), (r, n)
+    S = S_known[:r]
+    total = float(torch.linalg.vector_norm(A, dtype=f64) ** 2)
+    dropped = float(torch.linalg.vector_norm(A - (U * S) @ Vh, dtype=f64) ** 2)  # (m, n) temporary
+    return U, S, Vh, Energy(total, dropped), S_known.shape[0]
+
+
 def back_factor(Vh: torch.Tensor, own: Damped | None, metric: str) -> torch.Tensor:
     """``P = Vh T^{-1}`` ``(r, d_in)``: solves, never an explicit inverse."""
     if own is None:
@@ -173,24 +219,22 @@ def residual(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tensor,
     return Us, Ss, Ps, W_res
 
 
-def diagnostics(W: torch.Tensor, U: torch.Tensor, S_all: torch.Tensor, sl: slice, P: torch.Tensor,
+def diagnostics(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tensor, energy: Energy,
                 own: Damped | None, mat, dg, no_moment: bool, metric: str, eps: float, eps_mode: str) -> dict:
     """``eps, cond, cond_method, clamped, energy_kept, rel_error, error_metric`` of one orientation (see
-    :func:`orient`). ``rel_error`` is measured under the data moment passed (full C, else its diagonal, else I),
-    damped by the same eps rule, in ``W``'s (the compute) dtype, before rounding."""
-    S2 = S_all.to(torch.float64) ** 2  # (k,)
-    drop = torch.ones_like(S2, dtype=torch.bool)
-    drop[sl] = False
-    total = float(S2.sum())
-    energy = float(S2[sl].sum()) / total if total > 0 else float("nan")
-    own_err = math.sqrt(float(S2[drop].sum()) / total) if total > 0 else float("nan")
+    :func:`orient`). ``W (d_out, d_in)`` in the compute dtype; ``U, S, P`` the unrounded kept factors; ``energy``
+    from :func:`decompose`. ``rel_error`` is measured under the data moment passed (full C, else its diagonal,
+    else I), damped by the same eps rule, in ``W``'s (the compute) dtype, before rounding."""
+    total = energy.total
+    energy_kept = float((S.to(torch.float64) ** 2).sum()) / total if total > 0 else float("nan")
+    own_err = math.sqrt(energy.dropped / total) if total > 0 else float("nan")
     if metric == "full" or (metric == "diag" and mat is None) or (metric == "identity" and no_moment):
         # the metric that oriented is the data metric: its dropped energy is the functional error
         rel_error = own_err
         error_metric = "I" if own is None else ("C+eps I" if mat is not None else "diag(c)+eps")
     else:
         e_eval = resolve_eps(eps, eps_mode, float(dg.mean()))
-        E = W - (U * S_all[sl]) @ P  # (d_out, d_in)
+        E = W - (U * S) @ P  # (d_out, d_in)
         data = mat if mat is not None else dg.clamp_min(0)
         error_metric = "C+eps I" if mat is not None else "diag(c)+eps"
         num = float(quad(E, data)) + e_eval * float(quad(E, None))
@@ -202,5 +246,5 @@ def diagnostics(W: torch.Tensor, U: torch.Tensor, S_all: torch.Tensor, sl: slice
     else:
         cond, clamped, eps_used = own.cond, own.clamped, own.eps
         cond_method = "exact" if own.cond_exact else "lanczos-16 (lower bound)"
-    return dict(eps=eps_used, cond=cond, cond_method=cond_method, clamped=clamped, energy_kept=energy,
+    return dict(eps=eps_used, cond=cond, cond_method=cond_method, clamped=clamped, energy_kept=energy_kept,
                 rel_error=rel_error, error_metric=error_metric)

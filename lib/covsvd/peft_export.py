@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attach import _check_tied, _resolve_targets, adapters, shape_str
+from .attach import _check_tied, _layer_ranks, _rank_str, _resolve_targets, adapters, shape_str
 from .checks import check_choice, check_rank, check_weight
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
 from .files import atomic_directory
@@ -137,17 +137,6 @@ def model_mapping(model: nn.Module) -> dict:
 # --------------------------------------------------------------------------------------- validation
 
 
-def rank_map(r, names: list[str]) -> dict[str, int]:
-    """``{name: r}`` for every target: ``r`` an int, or a ``{name: r}`` dict naming exactly the targets."""
-    if not isinstance(r, Mapping):
-        return dict.fromkeys(names, r)
-    missing, extra = [n for n in names if n not in r], [k for k in r if k not in names]
-    if missing or extra:
-        raise ValueError(f"r is a dict: it must name exactly the targets; no rank for {missing[:5]}, not a target: "
-                         f"{extra[:5]} (pass targets=list(r) or complete the dict)")
-    return {n: r[n] for n in names}
-
-
 def check_moments_model(model: nn.Module, moments, names: list[str]) -> None:
     """Raise ``ValueError`` when a target's :class:`SecondMoment` records another model's fingerprint."""
     here = model_identity(model)
@@ -206,7 +195,8 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
     original model (to fp32 rounding for an fp32 model; a bf16 model's ``W_res`` is rounded to bf16); the
     adapter's ``base_model_name_or_path`` is ``path/base`` (absolute), so ``AutoPeftModel`` finds it too.
     ``path/covsvd.json`` records the settings, the model identity and per layer orient's diagnostics and the
-    stored split's ``identity_error``. ``model`` itself is not changed.
+    stored split's ``identity_error``. ``model`` itself is not changed. ``fan_in_fan_out`` is set when any
+    target is a Conv1D (peft sets it per layer on load, with a warning, should Linear and Conv1D targets mix).
 
     Args:
         model: a transformers ``PreTrainedModel`` (saved with ``save_pretrained``) with ``nn.Linear`` /
@@ -226,10 +216,11 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
 
     Raises:
         ValueError (naming the layer, its shape and the fix), before anything is computed or written:
-            an unknown metric, a model that is not a ``PreTrainedModel`` or carries covsvd adapters, a bad
-            ``r``, a quantised / meta / non-finite weight, an ``nn.MultiheadAttention.out_proj`` target (peft
-            cannot wrap it usefully), missing or unfit moments, moments captured on another model (their
-            fingerprint), tied weights, a target name peft would match twice.
+            an unknown metric; a model that is not a ``PreTrainedModel``, is quantized (``hf_quantizer``) or
+            carries covsvd adapters; a bad ``r``; a quantised / meta / non-finite weight; an
+            ``nn.MultiheadAttention.out_proj`` target (MHA reads the weight directly: a LoRA there never runs);
+            missing or unfit moments; moments captured on another model (their fingerprint); tied weights; a
+            target name peft would match twice (:func:`check_peft_names`).
         FileExistsError: ``path`` exists and ``overwrite`` is false (``path`` is left untouched).
         On any error while orienting or writing nothing is left at ``path`` (:func:`covsvd.files.atomic_directory`).
     """
@@ -243,6 +234,12 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
         raise ValueError(f"{type(model).__name__} carries covsvd adapters: export the plain model "
                          "(covsvd.detach_adapters(model) first), or convert the trained adapters with "
                          "covsvd.export_lora_delta(model, path)")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "?")
+        raise ValueError(f"{type(model).__name__} is quantized ({getattr(method, 'value', method)}): W_res must be "
+                         "formed and saved in the weights' own floating dtype; export from the unquantized model "
+                         "and quantize path/base afterwards")
     if "storage_dtype" in orient_kwargs:
         raise ValueError("export_peft stores the LoRA factors in fp32 (fp64 for an fp64 model), as peft runs them; "
                          "storage_dtype cannot be chosen")
@@ -252,11 +249,11 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
     if isinstance(r, Mapping) and targets is None:
         targets = list(r)
     names = _resolve_targets(model, moments, metric, targets)
-    ranks = rank_map(r, names)
+    ranks = _layer_ranks(r, names)
     moment = {n: (moments.get(n) if moments else None) for n in names}
+    check_moments_model(model, moments, names)
     for name in names:
         check_target(model, name, ranks[name], moment[name], metric)
-    check_moments_model(model, moments, names)
     _check_tied(model, names)
     check_peft_names(model, names)
 
@@ -268,8 +265,7 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
     def write(tmp: Path) -> None:
         state = model.state_dict()  # references; the targets' entries are replaced below, the model is not
         factors, rows = {}, []
-        bar = tqdm(names, desc=f"export peft ({metric}, r={r if isinstance(r, int) else 'per layer'})",
-                   disable=not progress, leave=False)
+        bar = tqdm(names, desc=f"export peft ({metric}, r={_rank_str(r)})", disable=not progress, leave=False)
         for name in bar:
             module, k = modules[name], ranks[name]
             W = weight_matrix(module).detach()  # (d_out, d_in)

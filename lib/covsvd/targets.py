@@ -51,12 +51,13 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 
 def _same_weight(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """One tensor object, or two views of one storage (a tie made by sharing data); never true for meta tensors."""
+    """One tensor object, or two tensors over the same memory (same address, shape and strides: a tie made by
+    sharing data); never true for meta tensors (they have no memory to compare)."""
     if a is b:
         return True
     if a.is_meta or b.is_meta or a.device != b.device:
         return False
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.shape == b.shape
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _embeddings(model: nn.Module) -> list[nn.Module]:

@@ -1,18 +1,23 @@
-"""The second-moment checks shared by :func:`covsvd.orient` and :func:`covsvd.attach_adapters`: one definition of what a
-valid weight, rank and second moment are, and of the errors that say so (each names the layer and the fix).
+"""The checks shared by :func:`covsvd.orient` and :func:`covsvd.attach_adapters`: one definition of what a valid
+weight, rank, second moment and set of orientation options are, and of the errors that say so (each names the
+layer and the fix).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .checks import check_finite
+from .checks import check_choice, check_count, check_finite, check_no_tf32, check_rank, check_weight
+from .damping import EPS_MODES, SOLVERS, resolve_eps
 from .moments import SecondMoment
+from .thinsvd import COMPONENTS, SVDS
 
 #: Every metric :func:`covsvd.orient` knows (module doc of :mod:`covsvd.orient`).
 METRICS = ("identity", "diag", "full", "corda", "asvd")
 #: The metrics that need the full ``(d_in, d_in)`` second moment.
 FULL_METRICS = ("full", "corda")
+#: The dtypes orientation decomposes in (``compute_dtype=``).
+COMPUTE_DTYPES = (torch.float64, torch.float32)
 #: ``max |C - C^T| / max |C|`` accepted for a tensor C (it is then symmetrised).
 SYMMETRY_TOL = 1e-5
 
@@ -80,3 +85,41 @@ def moment_parts(C, metric: str, r: int, W_shape: tuple[int, int], prefix: str =
         raise ValueError(f"{prefix}C is not symmetric (max |C - C^T| = {asym:.3g}, max |C| = {scale:.3g}); "
                          "pass the second moment E[x x^T]")
     return C, C.diagonal(), None, None
+
+
+def orient_options(W, r: int, metric: str, eps: float, eps_mode: str, components: str, solver: str,
+                   compute_dtype: torch.dtype, storage_dtype: torch.dtype | None, svd: str, oversample: int,
+                   power_iters: int, seed: int, prefix: str = "") -> torch.dtype:
+    """Check every option of :func:`covsvd.orient` except the moment (:func:`moment_parts`); return the storage
+    dtype (``storage_dtype``, or ``W.dtype`` when ``None``).
+
+    Raises ``ValueError`` naming the option and the fix: an unknown metric / components / solver / eps_mode /
+    svd; a negative or non-finite eps; a compute dtype other than float64 / float32; a non-floating storage
+    dtype; a weight that is not a 2-D finite materialised float tensor; r outside ``[1, min(d_out, d_in)]``;
+    ``oversample`` / ``power_iters`` / ``seed`` not non-negative ints; ``components="bottom"`` with
+    ``svd="randomized"`` (a range finder finds the top directions only); and float32 products on a CUDA ``W``
+    while TF32 matmuls are enabled (:func:`covsvd.checks.check_no_tf32`: the decompositions when
+    ``compute_dtype`` is float32, the residual ``W - U S P`` whenever storage is not float64).
+    """
+    check_choice("metric", metric, METRICS, f"{prefix}unknown ")
+    check_choice("components", components, COMPONENTS, prefix)
+    check_choice("solver", solver, SOLVERS, prefix)
+    check_choice("eps_mode", eps_mode, EPS_MODES, prefix)
+    check_choice("svd", svd, SVDS, prefix)
+    resolve_eps(eps, eps_mode, 1.0)  # raises for a negative / non-finite eps
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"{prefix}compute_dtype={compute_dtype}; decompositions run in float64 (default) or float32")
+    d_out, d_in = check_weight(W, prefix)
+    check_rank(r, d_out, d_in, prefix)
+    storage = W.dtype if storage_dtype is None else storage_dtype
+    if not (isinstance(storage, torch.dtype) and storage.is_floating_point):
+        raise ValueError(f"{prefix}storage_dtype={storage_dtype} must be a floating torch dtype")
+    for what, value in (("oversample", oversample), ("power_iters", power_iters), ("seed", seed)):
+        check_count(what, value, 0, prefix)
+    if svd == "randomized" and components == "bottom":
+        raise ValueError(f"{prefix}components='bottom' needs the smallest singular directions of W T, which the "
+                         "randomized range finder (svd='randomized') does not find: use svd='exact'")
+    residual = torch.float64 if storage == torch.float64 else torch.float32
+    check_no_tf32(W.device, (compute_dtype, residual), f"orient (W {tuple(W.shape)})",
+                  "use compute_dtype=torch.float64 and storage_dtype=torch.float64", prefix)
+    return storage

@@ -389,7 +389,9 @@ def test_every_validation_error_leaves_the_model_untouched(case, monkeypatch):
     change = dict(change)
     which = change.pop("model", None)
     model = _tied_gpt2() if which == "tied" else tiny("gpt2")
-    names = covsvd.find_targets(model)
+    # the tied lm_head is never a default target (LLM convention): an explicit spec still selects it
+    names = covsvd.find_targets(model, r".*" if which == "tied" else None)
+    assert which != "tied" or names[-1] == "lm_head"
     moments = moments_of(model, token_batches(), names)
     kwargs = dict(moments=moments, r=8, metric="full", rotate="both", progress=False)
     if change.pop("fail", False):
@@ -483,3 +485,45 @@ def test_conv1d_class_is_restored():
 def test_detach_without_adapters_raises():
     with pytest.raises(ValueError, match="no covsvd adapters"):
         detach_adapters(nn.Sequential(nn.Linear(3, 3)))
+
+
+# ----------------------------------------------------------------------------------------------- per-layer r
+
+
+def test_dict_r_gives_each_layer_its_rank(tmp_path):
+    base = tiny("gpt2")
+    moments = moments_of(base, token_batches())
+    ranks = {n: 2 + 3 * i for i, n in enumerate(moments)}  # 2, 5, 8, ...: every layer its own
+    model = copy.deepcopy(base)
+    report = attach_adapters(model, moments, r=ranks, metric="full", rotate="V", progress=False)
+    assert {row["name"]: row["r"] for row in report.rows} == ranks
+    assert {n: a.r for n, a in adapters(model).items()} == ranks
+    assert report.settings["r"] == ranks and report.settings["r"] is not ranks  # a copy is recorded
+    assert "per layer 2.." in str(report)
+    assert trainable_parameters(model) == sum(r + n_rotation_params(r, 4) for r in ranks.values())
+    batch = token_batches(1, seed=99)[0]
+    assert rel(output(model, batch), output(base, batch)) <= IDENTITY_TOL
+    randomize(model)
+    save_adapters(tmp_path / "a.safetensors", model)  # mixed ranks round-trip through a file
+    plain = copy.deepcopy(base)
+    load_adapters(tmp_path / "a.safetensors", plain)
+    assert {n: a.r for n, a in adapters(plain).items()} == ranks
+    assert torch.equal(output(plain, batch), output(model, batch))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda r, names: r.pop(names[1]), r"without an entry for 1 target layer\(s\): \['h\.0\.attn\.c_proj'\]"),
+    (lambda r, names: r.__setitem__("h.9.mlp.c_fc", 4), r"not targets: \['h\.9\.mlp\.c_fc'\]"),
+    (lambda r, names: r.__setitem__(names[2], 0), r"layer 'h\.0\.mlp\.c_fc': r=0 must be a positive int"),
+    (lambda r, names: r.__setitem__(names[0], 97), r"layer 'h\.0\.attn\.c_attn'.*r=97 exceeds min"),
+])
+def test_dict_r_errors_name_the_layers_and_leave_the_model_untouched(edit, match):
+    model = tiny("gpt2")
+    moments = moments_of(model, token_batches())
+    names = list(moments)
+    ranks = dict.fromkeys(names, 4)
+    edit(ranks, names)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        attach_adapters(model, moments, r=ranks, metric="full", progress=False)
+    assert_untouched(model, snap)

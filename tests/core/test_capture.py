@@ -361,3 +361,26 @@ def test_moment_capture_streams_from_a_user_loop(bert_tiny, make_batches):
         cap.moments()
     with pytest.raises(RuntimeError, match="inside its `with` block"):
         MomentCapture(bert_tiny).add(batches[0])
+
+
+def test_run_feeds_any_call_and_moments_can_keep_a_subset(bert_tiny, make_batches):
+    from covsvd.capture import MomentCapture
+
+    batch = make_batches([[6, 4]], seed=2)[0]
+    whole = covsvd.capture_moments(bert_tiny, [batch], progress=False)
+    names = ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"]
+    layer0 = bert_tiny.encoder.layer[0]
+    caught = []
+    hook = layer0.register_forward_pre_hook(lambda m, a, kw: caught.append((a, kw)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            bert_tiny(**batch)  # layer 0's arguments: hidden states (B, T, d), the model's mask
+    finally:
+        hook.remove()
+    args, kwargs = caught[0]
+    with MomentCapture(bert_tiny, names) as cap:
+        out = cap.run(lambda: layer0(*args, **kwargs), batch["attention_mask"])  # one block, not the model
+        assert cap.seen() == names[:1] and isinstance(out, torch.Tensor)
+    got = cap.moments(names=cap.seen())
+    assert list(got) == names[:1]
+    assert rel(got[names[0]].sum_xx, whole[names[0]].sum_xx) <= 1e-12

@@ -119,7 +119,8 @@ def test_capture_writes_the_library_moments(tmp_path, llama_dir, data, extra):
     got = covsvd.load_moments(out, model)
     assert_same_moments(got, want, 1e-12)
     assert "lm_head" not in got  # the output head is not a default target
-    assert got["model.layers.0.self_attn.k_proj"].d_in == 32  # GQA: k/v read the hidden state
+    if not extra:
+        assert got["model.layers.0.self_attn.k_proj"] is got["model.layers.0.self_attn.q_proj"]  # GQA: one input
 
 
 def test_capture_layerwise_and_labels(tmp_path, gpt2_dir, data, tokenizer):
@@ -188,8 +189,8 @@ def test_init_covsvd_from_a_moments_file_equals_attach(tmp_path, llama_dir, data
     fresh, _ = load(llama_dir)
     covsvd.load_adapters(out, fresh)
     ids = torch.randint(100, 2000, (2, 7))
-    want = model(input_ids=ids).logits
-    assert rel(fresh(input_ids=ids).logits, want) <= 1e-6
+    with torch.no_grad():
+        assert rel(fresh(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
     mine, theirs = covsvd.adapters(fresh), covsvd.adapters(model)
     assert list(mine) == list(theirs)
     for name, a in mine.items():

@@ -18,7 +18,7 @@ import covsvd
 from covsvd.lab.figures import NOTEBOOK_GLOB, NotebookError, find_notebooks, run_notebook
 from covsvd.lab.plotting import NAME_PATTERN
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob(NOTEBOOK_GLOB))
 IDS = [p.stem for p in NOTEBOOKS]
 
@@ -110,3 +110,30 @@ def test_find_notebooks_selects_by_prefix(tmp_path: Path):
     with pytest.raises(NotebookError, match="09"):
         find_notebooks(["09"], directory=tmp_path)
     assert all(NAME_PATTERN.fullmatch(p.stem) for p in find_notebooks(directory=tmp_path))
+
+
+IMPORT = re.compile(r"^\s*(?:from\s+(covsvd[\w.]*)\s+import\s+([^\n#]+)|import\s+(covsvd[\w.]*))", re.M)
+LAB_OR_ROOT = re.compile(r"covsvd(\.lab(\.\w+)?)?")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_lives_on_the_public_api(path: Path):
+    """Notebooks import ``covsvd`` (its ``__all__``) and ``covsvd.lab`` modules only: no private names, no core
+    module reached into, and no ``covsvd.<module>.`` attribute chains outside the lab."""
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    bad = []
+    for frm, names, plain in IMPORT.findall(code):
+        module = frm or plain
+        if not LAB_OR_ROOT.fullmatch(module):
+            bad.append(f"imports from {module}")
+        if frm == "covsvd":
+            for name in (n.strip().split(" as ")[0] for n in names.strip("()").split(",")):
+                if name and name not in covsvd.__all__ and name != "lab":
+                    bad.append(f"covsvd.{name} is not in covsvd.__all__")
+        if module and any(part.startswith("_") for part in module.split(".")):
+            bad.append(f"private module {module}")
+    for chain in re.findall(r"\bcovsvd\.(\w+)\.", code):
+        if chain != "lab" and chain not in covsvd.__all__:
+            bad.append(f"covsvd.{chain}.… reaches into a core module")
+    assert not bad, f"{path.name}: {sorted(set(bad))}"

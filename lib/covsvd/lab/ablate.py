@@ -194,10 +194,9 @@ def ablate(
         hook: ``hook(arm, seed, step)`` after every training step (tests use it to interrupt a sweep).
         log: where the one-line notes go (``None``: silent).
         threads: ``torch.set_num_threads`` for the sweep (restored afterwards); ``None`` keeps torch's (all
-            cores). Use every core when the sweep runs alone; on a machine other jobs are loading, 1 thread
-            can be several times faster than 2 (OpenMP threads spin-wait: a 384 x 1536 SVD took 3 s on 2
-            threads vs 0.06 s on 1 under a load of ~5 on 2 cores). The count is recorded in the ``threads``
-            column (it can change the last bits of a row); the start line prints the load average.
+            cores). Use every core when the sweep runs alone, fewer on a loaded machine (docs/ablations.md).
+            The count is recorded in the ``threads`` column (it can change the last bits of a row); the start
+            line prints the load average.
 
     The model and task are built once; moments are captured once (or loaded from the cache) and reused
     by every arm. ``score_before`` is the untrained model's score, evaluated once per call and shared by

@@ -39,16 +39,8 @@ DEFAULT_SEEDS = (0, 1, 2)
 class AblationConfig:
     """Every setting of a sweep that changes a row's numbers (the arm and seed aside).
 
-    How the defaults were chosen. ``steps`` x batch (30 x 16 documents x 2 passages, 64 tokens) and the
-    16 prototype passages per document come from the time budget (the full sweep in ~20 min on 2 cores).
-    ``lr`` and ``r`` from a pilot on the *validation* split (a part of train; ``--holdout validation``),
-    never on the held-out score: identity arm, seed 0, 30 steps, accuracy change in points (MRR in
-    brackets): lr 0.01 / 0.03 / 0.1 / 0.3 -> -0.5 (+0.3) / 0.0 (+1.0) / +2.8 (+3.2) / -1.9 (-0.2); the
-    memory-of-prototypes loss at lr 0.03 / 0.1 / 0.3 -> +1.4 / +2.3 / +1.4 (no better, so the in-batch
-    pair loss stays); r 32 / 64 / 128 at lr 0.1 -> -0.5 / +1.9 / +1.4. One seed each and a binomial SE
-    of ~3.3 points on 215 validation queries: the pilot only rules out learning rates that barely move
-    (<= 0.03) or overshoot (0.3); it does not rank r. ``coeff`` 1 and ``eps`` 1e-3 absolute (covsvd's
-    default damping) were not tuned.
+    How the defaults were chosen (the time budget, and a pilot on the validation split, never on the held-out
+    score) is written down with the pilot's numbers in docs/ablations.md.
     """
 
     r: int = 64  # rank kept per layer (of min(384, 1536) = 384)

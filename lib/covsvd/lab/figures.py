@@ -91,9 +91,9 @@ def kernel_env(quick: bool, figures_dir: Path) -> dict[str, str]:
             "PYTHONWARNINGS": "ignore::Warning:tqdm.auto",
         }
     )
-    # MKL/OpenMP threads busy-wait between parallel regions; on a shared or loaded machine that turned a
-    # 0.04 s fp64 SVD into 1.8 s (measured). Passive waiting makes many small ops slower instead (each wakes
-    # the sleeping threads), which the notebooks' short captures can afford; the benchmarks run without it.
+    # MKL/OpenMP threads busy-wait between parallel regions, which makes small decompositions many times
+    # slower on a shared or loaded machine. Passive waiting makes many small ops slower instead (each wakes the
+    # sleeping threads), which the notebooks' short captures can afford; the benchmarks run without it.
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 

@@ -72,7 +72,7 @@ def project_root() -> Path:
 
     Found from this file (editable install) or else from the working directory upwards.
     """
-    candidates = [Path(__file__).resolve().parents[2], *Path.cwd().resolve().parents, Path.cwd().resolve()]
+    candidates = [Path(__file__).resolve().parents[3], *Path.cwd().resolve().parents, Path.cwd().resolve()]
     for c in candidates:
         if (c / "pyproject.toml").is_file() and (c / "notebooks").is_dir():
             return c
