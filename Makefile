@@ -52,9 +52,11 @@ bench: $(STAMP)
 	env -u OMP_WAIT_POLICY $(PY) bench/capture.py
 	env -u OMP_WAIT_POLICY $(PY) bench/orient.py
 
-## make bench-llm: decoder-LLM shapes: layerwise memory at 7B shapes, init time at the published shape
+## make bench-llm: decoder-LLM shapes, at the sizes recorded in bench/results/llm.md (~10 min on 2 cores);
+## `python bench/llm.py` alone runs the published setting (24 blocks, 16,384 tokens: about an hour on 2 cores)
 bench-llm: $(STAMP)
-	env -u OMP_WAIT_POLICY $(PY) bench/llm.py
+	env -u OMP_WAIT_POLICY OMP_NUM_THREADS=1 $(PY) bench/llm.py --mem-blocks 3 --mem-tokens 64 --mem-seq-len 32 \
+		--init-blocks 6 --init-tokens 2048 --streaming
 
 ## make ablations: the local metric / rotation ablation sweep on CPU (resumable)
 ablations: $(STAMP)

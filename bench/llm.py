@@ -57,6 +57,7 @@ LLAMA_7B = (4096, 11008, 32, 8, 32)
 LLAMA_70B = (8192, 28672, 64, 8, 80)
 QWEN_08B = (1024, 3584, 16, 8, 24)
 MEM_VOCAB = 1024  # small: the embeddings are not what is measured
+SVD_LAYERS = ("q_proj", "gate_proj", "down_proj")
 
 
 def llama_config(shape, blocks: int, vocab: int = MEM_VOCAB):
@@ -159,8 +160,8 @@ def memory_child(mode: str, blocks: int, tokens: int, seq_len: int, device: str)
     model = build(llama_config(LLAMA_7B, blocks), torch.bfloat16, device)
     batches = random_batches(tokens, seq_len, 1, MEM_VOCAB)
     est = estimate_memory(model, kind="full", layerwise=True)
-    with torch.no_grad():
-        model(**{k: v.to(device) for k, v in batches[0].items()})  # the baseline includes one plain forward
+    with torch.no_grad():  # warm-up: the baseline includes a plain forward (of 8 tokens: bf16 on CPU is slow)
+        model(**{k: v[:, :8].to(device) for k, v in batches[0].items()})
     gc.collect()
     before = reset_peak(device)
     t0 = time.perf_counter()
@@ -257,19 +258,20 @@ def peft_corda(model, names: list[str], batches, r: int, device: str) -> dict:
     return {"collect": collect["s"], "total": total}
 
 
-def svd_comparison(model, moments: dict, r: int, device: str, reps: int = 2) -> tuple[list[dict], str]:
-    """Exact vs randomized SVD in ``orient(metric="full")`` on each given layer: seconds (best of ``reps``),
-    ``||USP - U'S'P'||_F / ||USP||_F``, both functional errors, and whether two runs with one seed agree."""
+def svd_comparison(model, moments: dict, r: int, device: str) -> tuple[list[dict], str]:
+    """Exact vs randomized SVD in ``orient(metric="full")`` on each given layer: seconds (exact once, randomized
+    best of two), ``||USP - U'S'P'||_F / ||USP||_F``, both functional errors, and whether the two randomized
+    runs with one seed agree exactly."""
     if "svd" not in inspect.signature(covsvd.orient).parameters:
         return [], "`orient(..., svd=\"randomized\")` is not in this checkout: not measured"
-    options = dict(svd="randomized", oversample=16, power_iters=2, seed=0)
+    options = dict(svd="randomized", oversample=10, power_iters=2, seed=0)
     modules = dict(model.named_modules())
     rows = []
     for name, C in moments.items():
         W = covsvd.weight_matrix(modules[name]).detach()
         k = min(r, *W.shape)
         best = {}
-        for how, kw in (("exact", {}), ("randomized", options)):
+        for how, kw, reps in (("exact", {}, 1), ("randomized", options, 2)):
             outs = []
             for _ in range(reps):
                 o, s = timed(lambda W=W, C=C, k=k, kw=kw: covsvd.orient(
@@ -328,8 +330,8 @@ def init_bench(args) -> dict:
         report = phase(f"orient + attach {metric}", lambda metric=metric, moments=moments: covsvd.attach_adapters(
             model, moments, args.r, metric, targets=names, progress=False))
         out["phases"][f"of which orient {metric}"] = sum(row["init_s"] for row in report.rows)
-        if metric == "full":
-            keep = {n: moments[n] for n in names if n.startswith("layers.0.")}
+        if metric == "full":  # block 0's q, gate and down projections, for the SVD comparison
+            keep = {n: moments[n] for n in names if n.startswith("layers.0.") and n.endswith(SVD_LAYERS)}
         covsvd.detach_adapters(model)
         del moments, report
         gc.collect()
@@ -509,7 +511,24 @@ def main() -> None:
                         for m in args.metrics) + f" on {'this GPU' if cuda else 'this CPU'} at "
             f"{res['tokens']:,} tokens.",
             "",
-            "Exact vs randomized SVD in `orient(metric=\"full\")`, block 0's layers (seconds: best of 2; product "
+        ]
+        blocks_x, tokens_x = QWEN_08B[4] / args.init_blocks, 16384 / res["tokens"]
+        if (blocks_x, tokens_x) != (1, 1):
+            project = ph["capture full"] * blocks_x * tokens_x + ph["orient + attach full"] * blocks_x
+            peft_part = ""
+            if "peft CorDA preprocess_corda" in ph:
+                collect = ph["of which its collection"]
+                peft_part = (f", peft CorDA preprocessing "
+                             f"{collect * blocks_x * tokens_x + (ph['peft CorDA preprocess_corda'] - collect) * blocks_x:.0f} s")
+            lines += [
+                "Projected to the published setting (24 blocks, 16,384 tokens; every phase linear in blocks, capture "
+                "and peft's collection also in tokens; a projection, not a measurement): covsvd full-C init "
+                f"{project:.0f} s{peft_part}.",
+                "",
+            ]
+        lines += [
+            "Exact vs randomized SVD in `orient(metric=\"full\")`, block 0's layers (seconds: exact once, randomized best "
+            "of 2; product "
             "error `||USP - U'S'P'||_F / ||USP||_F`; functional error `||(W - USP) M^1/2|| / ||W M^1/2||`):",
             "",
         ]
@@ -525,6 +544,13 @@ def main() -> None:
                   f"{r['rel_error_exact']:.4f} / {r['rel_error_randomized']:.4f} | {r['deterministic']} |"
                   for r in res["svd"]],
             ]
+            lines += [
+                "",
+                "Random-init weights have nearly flat singular spectra, the hardest case for a randomized range "
+                "finder: the product error says how far the kept rank-r part moved, the functional error how much "
+                "worse the init approximates W under the metric (what orientation optimises); trained weights "
+                "decay faster. `W_res + U S P = W` holds exactly either way (orient's residual).",
+            ]
         else:
             lines.append(res["svd_note"] + ".")
         lines.append("")
@@ -538,7 +564,21 @@ def main() -> None:
         f"seconds are this run's, ratios taken within it). `{command}` reproduces it "
         f"({(time.perf_counter() - t_start) / 60:.1f} min).",
         "",
+        "Sizes: " + "; ".join(
+            ([] if args.skip_memory else [f"part 1 {args.mem_blocks} 7B-shaped blocks, {args.mem_tokens} tokens"])
+            + ([] if args.skip_init else [f"part 2 {args.init_blocks} Qwen-shaped blocks, {args.init_tokens:,} "
+                                          f"tokens requested, metrics {', '.join(args.metrics)}"]))
+        + ". The published setting (24 blocks, 16,384 tokens) is the script's default: `python bench/llm.py` "
+        "(`--mem-blocks 4` for four 7B-shaped blocks).",
+        "",
     ]
+    if not cuda:
+        lines[6:6] = [
+            "GPU: not run here (no GPU in this session). `python bench/llm.py --device cuda` runs both parts on "
+            "CUDA (peak GPU memory per mode and per phase from `torch.cuda.max_memory_allocated`, fp32 vs fp64 "
+            "accumulation with TF32 off) and writes bench/results/llm_cuda.md.",
+            "",
+        ]
     text = "\n".join(lines)
     print()
     print(text)

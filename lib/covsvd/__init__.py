@@ -42,6 +42,7 @@ from .orient import METRICS, Oriented, orient
 from .peft_export import export_peft
 from .serialize import load_adapters, save_adapters
 from .targets import find_targets, weight_matrix
+from .textdata import prompt_batches, read_texts, text_batches
 from .version import __version__
 
 __all__ = [
@@ -85,8 +86,11 @@ __all__ = [
     "orient",
     "passages",
     "principal_angles",
+    "prompt_batches",
+    "read_texts",
     "save_adapters",
     "save_moments",
+    "text_batches",
     "trainable_parameters",
     "weight_matrix",
 ]

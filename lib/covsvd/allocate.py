@@ -15,7 +15,8 @@ Rules (:data:`RULES`):
 
   1. Write ``e_l(r) = 1 - sum_{i < r} gamma_{l,i}`` with ``gamma_{l,i} = S_{l,i}^2 / sum S_l^2``. Because ``S_l``
      is sorted, ``gamma_{l,i}`` is non-increasing in ``i`` (e_l is convex in r). A rank vector is a set of
-     "items" ``(l, i)``, a prefix ``i < r_l`` of each layer, each item costing ``c_l``.
+     "items" ``(l, i)``, a prefix ``i < r_l`` of each layer, each item costing ``c_l``. The items below
+     ``r_min`` are forced (their cost comes off the budget); those from ``r_max`` on are not offered.
   2. Group the layers by cost ``c``. Given how many items ``k_c`` a cost class takes, its cost ``k_c c`` is
      fixed, so the best choice is the ``k_c`` largest gammas of the class. Sorted stably (ties keep layer
      order, then index order), those ``k_c`` items are a prefix of each layer: a valid rank vector. So the
@@ -41,7 +42,7 @@ Rules (:data:`RULES`):
 The pure part (spectra and costs in, ranks out; no modules): :func:`metric_spectrum`, :func:`dropped_energy`,
 :func:`rank_costs`, :func:`optimal_ranks`, :func:`threshold_ranks`, :func:`allocation_cost`,
 :func:`allocation_error`. The model-facing part: :func:`layer_spectra` and :func:`allocate_ranks`, whose
-``{name: r}`` goes straight to ``covsvd.attach_adapters(model, moments, r=ranks, targets=list(ranks))``.
+``{name: r}`` goes straight to ``covsvd.attach_adapters(model, moments, r=ranks)`` (or ``export_peft``).
 """
 
 from __future__ import annotations
@@ -158,13 +159,17 @@ def allocation_error(ranks: Mapping[str, int], spectra: Mapping[str, torch.Tenso
     return total
 
 
+def _check_rank_bounds(r_min, r_max, least: int) -> None:
+    check_count("r_min", r_min, least)
+    if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < r_min):
+        raise ValueError(f"r_max={r_max!r} must be None or an int >= r_min={r_min}")
+
+
 def _bounds(spectra: Mapping[str, torch.Tensor], r_min: int, r_max: int | None) -> dict[str, tuple[int, int]]:
     """``{name: (lo, hi)}``: ``r_min`` and ``r_max`` (default: each layer's k), checked against every layer."""
     if not spectra:
         raise ValueError("no layers to allocate ranks to (spectra is empty)")
-    check_count("r_min", r_min, 0)
-    if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < r_min):
-        raise ValueError(f"r_max={r_max!r} must be None or an int >= r_min={r_min}")
+    _check_rank_bounds(r_min, r_max, 0)
     out = {}
     for n, S in spectra.items():
         k = int(S.numel())
@@ -184,6 +189,47 @@ def _check_costs(costs: Mapping[str, int], names) -> dict[str, int]:
             raise ValueError(f"layer {n!r}: cost per rank {c!r} must be an int >= 1 (see rank_costs)")
         out[n] = c
     return out
+
+
+def _class_dp(picked: list, left: int) -> list[int]:
+    """Items taken per cost class: ``argmax sum_c G_c(k_c)`` s.t. ``sum_c c k_c <= left`` (module doc, step 3).
+
+    ``picked``: per class ``(cost, owner, gains sorted descending (N,) fp64)``. The table ``best[b]`` (the most
+    gain within ``b`` units of ``g = gcd(costs)``, fp64) is built class by class; the last class needs no table
+    (it is evaluated at ``b = units`` alone), so the class that can afford the most items goes last. Ties take
+    more items (less left for the fill).
+    """
+    if not picked or left <= 0:
+        return [0] * len(picked)
+    unit = math.gcd(*(cost for cost, _, _ in picked))
+    units = left // unit
+    afford = [min(g.numel(), units // (cost // unit)) for cost, _, g in picked]
+    order = sorted(range(len(picked)), key=afford.__getitem__)
+    best = torch.zeros(units + 1, dtype=F64)  # (units + 1,)
+    taken = [0] * len(picked)
+    tables = []  # (class index, argmax table (units + 1,)) for every class but the last
+    for j in order[:-1]:
+        step, K = picked[j][0] // unit, afford[j]
+        G = torch.cat([best.new_zeros(1), picked[j][2][:K].cumsum(0)])  # (K + 1,) fp64
+        new, arg = best.clone(), torch.zeros(units + 1, dtype=torch.long)
+        for k in range(1, K + 1):
+            off = k * step
+            cand = best[: units + 1 - off] + G[k]
+            better = cand >= new[off:]
+            new[off:] = torch.where(better, cand, new[off:])
+            arg[off:] = torch.where(better, k, arg[off:])
+        best = new
+        tables.append((j, arg))
+    j = order[-1]
+    step, K = picked[j][0] // unit, afford[j]
+    G = torch.cat([best.new_zeros(1), picked[j][2][:K].cumsum(0)])  # (K + 1,)
+    value = best[units - step * torch.arange(K + 1)] + G  # (K + 1,)
+    taken[j] = K - int(torch.argmax(value.flip(0)))
+    b = units - taken[j] * step
+    for j, arg in reversed(tables):
+        taken[j] = int(arg[b])
+        b -= taken[j] * (picked[j][0] // unit)
+    return taken
 
 
 def optimal_ranks(
@@ -233,40 +279,10 @@ def optimal_ranks(
         order = torch.sort(g, descending=True, stable=True).indices
         picked.append((cost, owner[order], g[order]))
 
-    # step 3: DP over classes on the lattice of g = gcd(costs); best[b] = max gain within b units. Only the
-    # last class needs no table (it is evaluated at b = units alone), so the class with most items goes last.
-    if picked and left > 0:
-        unit = math.gcd(*(cost for cost, _, _ in picked))
-        units = left // unit
-        afford = [min(g_sorted.numel(), units // (cost // unit)) for cost, _, g_sorted in picked]
-        order = sorted(range(len(picked)), key=afford.__getitem__)
-        best = torch.zeros(units + 1, dtype=F64)  # (units + 1,)
-        taken = {}  # class index -> items taken
-        tables = []  # (class index, argmax table (units + 1,)) for every class but the last
-        for pos, j in enumerate(order):
-            cost, _, g_sorted = picked[j]
-            step, K = cost // unit, afford[j]
-            G = torch.cat([g_sorted.new_zeros(1), g_sorted[:K].cumsum(0)])  # (K + 1,) fp64
-            if pos == len(order) - 1:
-                value = best[units - step * torch.arange(K + 1)] + G  # (K + 1,)
-                taken[j] = K - int(torch.argmax(value.flip(0)))  # ties: more items (less for the fill)
-                break
-            new, arg = best.clone(), torch.zeros(units + 1, dtype=torch.long)
-            for k in range(1, K + 1):
-                off = k * step
-                cand = best[: units + 1 - off] + G[k]
-                better = cand >= new[off:]  # ties: more items
-                new[off:] = torch.where(better, cand, new[off:])
-                arg[off:] = torch.where(better, k, arg[off:])
-            best = new
-            tables.append((j, arg))
-        b = units - taken[order[-1]] * (picked[order[-1]][0] // unit)
-        for j, arg in reversed(tables):
-            taken[j] = int(arg[b])
-            b -= taken[j] * (picked[j][0] // unit)
-        for j, k in taken.items():
-            for i, cnt in enumerate(torch.bincount(picked[j][1][:k], minlength=len(names)).tolist()):
-                ranks[names[i]] += cnt
+    # step 3: the DP over the classes, then each class's k largest items
+    for (_, owner, _), k in zip(picked, _class_dp(picked, left), strict=True):
+        for i, cnt in enumerate(torch.bincount(owner[:k], minlength=len(names)).tolist()):
+            ranks[names[i]] += cnt
 
     # step 4: fill what is left while a next rank fits (gammas >= 0: never worse)
     spare = left - sum((ranks[n] - bounds[n][0]) * c[n] for n in names)
@@ -418,11 +434,9 @@ def allocate_ranks(
     check_choice("cost", cost, COSTS, "unknown ")
     check_choice("rule", rule, RULES, "unknown ")
     check_choice("metric", metric, METRICS, "unknown ")
-    check_count("r_min", r_min, 1)  # attach_adapters needs r >= 1 in every layer
+    _check_rank_bounds(r_min, r_max, 1)  # attach_adapters needs r >= 1 in every layer
     if rule == "optimal" or budget is not None:
         check_count("budget", budget, 0)
-    if r_max is not None and (isinstance(r_max, bool) or not isinstance(r_max, int) or r_max < r_min):
-        raise ValueError(f"r_max={r_max!r} must be None or an int >= r_min={r_min}")
     layers = _checked_layers(model, moments, metric, targets, r_min, r_max)
     costs = rank_costs({n: tuple(W.shape) for n, (W, _) in layers.items()}, cost)
     if rule == "optimal":  # fail on the budget before the decompositions

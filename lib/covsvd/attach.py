@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -131,18 +132,18 @@ class AttachReport:
 
 def _rank_str(r) -> str:
     """``"64"`` for one rank, ``"per layer 8..96"`` for a ``{name: r}`` dict (progress bars, reports)."""
-    if isinstance(r, dict):
+    if isinstance(r, Mapping):
         return f"per layer {min(r.values())}..{max(r.values())}" if r else "per layer (none)"
     return str(r)
 
 
 def _layer_ranks(r, names: list[str]) -> dict[str, int]:
     """``{name: r}`` for every target from an int or a dict; raises naming missing / extra layers or bad ranks."""
-    if isinstance(r, dict):
+    if isinstance(r, Mapping):
         missing = [n for n in names if n not in r]
         if missing:
             raise ValueError(f"r is a dict without an entry for {len(missing)} target layer(s): {missing[:5]}; "
-                             "give every target a rank, or pass targets=list(r) to attach only those layers")
+                             "give every target a rank (with targets=None the dict's own layers are attached)")
         extra = [n for n in r if n not in names]
         if extra:
             raise ValueError(f"r has ranks for {len(extra)} layer(s) that are not targets: {extra[:5]}; drop "
@@ -213,7 +214,8 @@ def attach_adapters(
             or ``(d_in,)`` tensor is accepted too, but carries no token count, so the ``count >= r`` check
             only applies to ``SecondMoment``). ``None`` is allowed for ``metric="identity"``.
         r: rank kept per layer, ``1 <= r <= min(d_out, d_in)``: one int for every layer, or a ``{name: r}``
-            dict (e.g. from :func:`covsvd.allocate_ranks`) with an entry for every target and no other.
+            dict (e.g. from :func:`covsvd.allocate_ranks`); its keys are then the default targets, and explicit
+            ``targets`` must each have an entry (a key that is not a target raises too).
         metric, eps, eps_mode, **orient_kwargs: passed to :func:`covsvd.orient` (``components``,
             ``solver``, ``alpha``, ``compute_dtype``: every decomposition runs in fp64 by default). The
             defaults are orient's (``eps=1e-3`` absolute).
@@ -221,8 +223,8 @@ def attach_adapters(
         dtype: storage dtype of ``U, S, P`` (``None``: fp32, whatever the model's dtype). ``W_res`` is fp32
             (fp64 for fp64 storage), formed by orient from the *rounded* factors, so ``W_res + U S P``
             reproduces ``W`` to fp32 rounding even with bf16 factors.
-        targets: a :func:`covsvd.find_targets` spec; default: the keys of ``moments``, or every Linear /
-            Conv1D when ``moments`` is ``None``.
+        targets: a :func:`covsvd.find_targets` spec; default: the keys of ``r`` (a dict), else of ``moments``,
+            else every Linear / Conv1D (``moments`` ``None``).
         progress: a tqdm bar over layers.
 
     Every target is validated before anything changes (names, ``r`` vs the shape, moments present,
@@ -235,7 +237,7 @@ def attach_adapters(
     """
     rotate = rotate_arm(rotate)
     check_choice("metric", metric, METRICS)
-    if not isinstance(r, dict) and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
+    if not isinstance(r, Mapping) and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
         raise ValueError(f"r={r!r} must be a positive int or a {{layer name: positive int}} dict")
     a_limit(max_angle)
     block_sizes(1, block_size)  # checks block_size (every rank is checked against its layer below)
@@ -245,6 +247,8 @@ def attach_adapters(
     if not storage.is_floating_point:
         raise ValueError(f"dtype={dtype!r} must be a floating dtype (storage of U, S, P)")
 
+    if isinstance(r, Mapping) and targets is None:
+        targets = list(r)  # a {name: r} dict names its layers (as covsvd.export_peft)
     names = _resolve_targets(model, moments, metric, targets)
     ranks = _layer_ranks(r, names)
     modules = {n: model.get_submodule(n) for n in names}
@@ -267,7 +271,7 @@ def attach_adapters(
     _check_tied(model, names)
 
     identity = attached_identity(model)
-    settings = dict(metric=metric, r=dict(ranks) if isinstance(r, dict) else r, eps=eps, eps_mode=eps_mode,
+    settings = dict(metric=metric, r=dict(ranks) if isinstance(r, Mapping) else r, eps=eps, eps_mode=eps_mode,
                     coeff=coeff, rotate=rotate,
                     block_size=block_size, max_angle=max_angle, dtype=str(storage).removeprefix("torch."),
                     **{k: (str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v)

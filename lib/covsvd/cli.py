@@ -12,7 +12,7 @@ Both load a local transformers checkpoint (or ``default``, the embedded all-Mini
 
 Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` set) every process builds the
 same batches and takes every N-th one, the process group is initialised (gloo on CPU, NCCL on CUDA, each
-process on ``cuda:LOCAL_RANK``), the moments are summed across processes
+process on ``cuda:LOCAL_RANK``; :mod:`covsvd.launch`), the moments are summed across processes
 (``capture_moments(..., all_reduce=True)``) and rank 0 alone writes, atomically.
 
 Bad input exits with status 1 and one line on stderr, before anything is written: every output is written
@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+
+from .launch import Launch, free_memory, rank0
 
 ENTRY_POINTS = "covsvd.cli"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -50,79 +51,8 @@ class CLIError(Exception):
 
 def say(*args) -> None:
     """Print from rank 0 only (every process of a torchrun launch runs the same code)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank0():
         print(*args, flush=True)
-
-
-# ---------------------------------------------------------------------------------------- launching
-
-
-class Launch:
-    """This process's place in a ``torchrun`` launch, its device, and the process group (a context manager).
-
-    ``world`` / ``rank`` / ``local_rank`` come from ``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` (1 / 0 / 0 when
-    unset). On enter with ``world > 1`` the default process group is initialised from torchrun's environment
-    (gloo for CPU, NCCL for CUDA); on exit it is destroyed, also after an error.
-    """
-
-    def __init__(self, device: str) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = resolve_device(device, self.local_rank if self.world > 1 else None)
-
-    def __enter__(self) -> Launch:
-        if self.world > 1:
-            import torch
-            import torch.distributed as dist
-
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-    def shard(self, batches: list) -> list:
-        """Every ``world``-th batch, starting at ``rank`` (all of them in a single process)."""
-        if len(batches) < self.world:
-            raise CLIError(f"{len(batches)} batches for {self.world} processes: every process needs at least one; "
-                           "add data, lower --batch-size, or launch fewer processes")
-        return batches[self.rank :: self.world]
-
-
-def resolve_device(spec: str, local_rank: int | None = None):
-    """``torch.device`` for ``cpu`` / ``cuda`` / ``cuda:N`` / ``auto`` (CUDA when available, else CPU).
-
-    Under torchrun (``local_rank`` given) ``cuda`` means ``cuda:LOCAL_RANK`` and an explicit ``cuda:N`` is
-    refused (every process would share one GPU). Raises :class:`CLIError` for CUDA without a GPU.
-    """
-    import torch
-
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError as e:
-        raise CLIError(f"--device {spec!r}: {e}; expected cpu, cuda, cuda:N or auto") from e
-    if device.type not in ("cpu", "cuda"):
-        raise CLIError(f"--device {spec!r}: expected cpu, cuda, cuda:N or auto")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {spec}: CUDA is not available (torch {torch.__version__}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        if local_rank is not None:
-            if device.index is not None:
-                raise CLIError(f"--device {spec} under torchrun: pass --device cuda, each process takes "
-                               "cuda:LOCAL_RANK")
-            device = torch.device("cuda", local_rank)
-    return device
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -191,46 +121,35 @@ def token_mask(args: argparse.Namespace) -> str | None:
 # ---------------------------------------------------------------------------------------- memory
 
 
-def free_memory(device) -> int | None:
-    """Bytes free for new tensors on ``device``: ``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of
-    ``/proc/meminfo`` on CPU; ``None`` when it cannot be read (then nothing is refused, and it is said)."""
-    import torch
-
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-
-
-def check_memory(model, device, targets, kind: str, accumulate: str, layerwise: bool, streams: bool,
+def check_memory(model, launch: Launch, targets, kind: str, accumulate: str, layerwise: bool, streams: bool,
                  diag_flag: str) -> None:
     """Print :func:`covsvd.estimate_memory` beside the free memory; raise :class:`CLIError` naming the fixes when
     what the run holds at once does not fit.
 
-    On ``device``: every accumulator, or one block's with ``layerwise``. Unless the run ``streams`` (a
-    streaming init frees each block's moments), the finished moments of every target also end up together on
-    the host (a layerwise capture offloads them there; the file is written from there), so the CPU must hold
-    all of them as well.
+    On the device: every accumulator, or the layerwise peak (one block's) with ``layerwise``. Unless the run
+    ``streams`` (a streaming init frees each block's moments), the finished moments of every target also end up
+    together on the host (layerwise capture offloads them there, and the file is written from there). The
+    processes of a torchrun launch on one machine (``LOCAL_WORLD_SIZE``) share its RAM.
     """
+    import os
+
     import torch
 
-    from covsvd.memory import _bytes as gib
+    from covsvd.memory import _bytes as size
     from covsvd.memory import estimate_memory
 
     est = estimate_memory(model, targets, kind, layerwise, accumulate=accumulate)
-    needs = {device: est.peak_bytes}
+    device, cpu, local = launch.device, torch.device("cpu"), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needs = {device: est.peak_bytes * (local if device == cpu else 1)}
     if not streams:
-        cpu = torch.device("cpu")
-        needs[cpu] = max(needs.get(cpu, 0), est.total_bytes)
+        host = est.total_bytes * (local if device == cpu or layerwise else 1)
+        needs[cpu] = max(needs.get(cpu, 0), host)
     free = {d: free_memory(d) for d in needs}
-    say(f"memory estimate (kind {kind}, fp64 sums): every accumulator {gib(est.total_bytes)}, one block "
-        f"{gib(est.layerwise_peak_bytes)}; this run holds " + ", ".join(
-            f"{gib(n)} on {d} ({'free ' + gib(free[d]) if free[d] is not None else 'free memory unknown: not checked'})"
+    say(f"memory estimate (kind {kind}, fp64 sums): every accumulator {size(est.total_bytes)}, layerwise peak "
+        f"{size(est.layerwise_peak_bytes)}; this run holds " + ", ".join(
+            f"{size(n)} on {d} ({'free ' + size(free[d]) if free[d] is not None else 'free memory unknown: not checked'})"
             for d, n in needs.items()))
-    over = [f"{gib(n)} on {d} ({gib(free[d])} free)" for d, n in needs.items() if free[d] is not None and n > free[d]]
+    over = [f"{size(n)} on {d} ({size(free[d])} free)" for d, n in needs.items() if free[d] is not None and n > free[d]]
     if over:
         fixes = ["--layerwise (one block's accumulators on the GPU at a time)"] if (
             device.type == "cuda" and not layerwise) else []
@@ -246,6 +165,7 @@ def check_memory(model, device, targets, kind: str, accumulate: str, layerwise: 
 
 
 def run_capture(args: argparse.Namespace) -> int:
+    """Load, build the batches (this process's shard), check memory, capture, and (rank 0) save the moments."""
     import covsvd
 
     t0 = time.perf_counter()
@@ -254,7 +174,7 @@ def run_capture(args: argparse.Namespace) -> int:
         batches = make_batches(args, tokenizer)
         n_tokens = covsvd.count_tokens(batches)
         mine = launch.shard(batches)
-        check_memory(model, launch.device, args.targets, args.kind, args.accumulate, args.layerwise, streams=False,
+        check_memory(model, launch, args.targets, args.kind, args.accumulate, args.layerwise, streams=False,
                      diag_flag="--kind diag")
         t1 = time.perf_counter()
         moments = covsvd.capture_moments(
@@ -275,6 +195,9 @@ def run_capture(args: argparse.Namespace) -> int:
 
 
 def run_init(args: argparse.Namespace) -> int:
+    """Refuse an existing ``--out`` (unless ``--overwrite``) before anything runs; load; take the moments from
+    ``--moments`` or capture them (streaming through ``init_adapters`` with ``--layerwise --format covsvd`` in
+    one process); then rank 0 writes ``--format peft`` (``export_peft``) or ``covsvd`` (attach + save)."""
     import covsvd
     from covsvd.init import init_adapters
     from covsvd.peft_export import export_peft
@@ -298,7 +221,7 @@ def run_init(args: argparse.Namespace) -> int:
         elif kind is not None:
             batches = make_batches(args, tokenizer)
             stream = stream and launch.world == 1
-            check_memory(model, launch.device, args.targets, kind, args.accumulate, args.layerwise, stream,
+            check_memory(model, launch, args.targets, kind, args.accumulate, args.layerwise, stream,
                          diag_flag="--metric diag")
             if stream:  # capture a block, orient, attach, free its moments
                 report = init_adapters(
@@ -313,13 +236,12 @@ def run_init(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         if launch.rank != 0:
             return 0
-        targets = args.targets if moments is None else None  # None: every captured layer
-        if args.format == "peft":
-            export_peft(model, moments, out, args.r, args.metric, targets=targets, tokenizer=tokenizer,
-                               overwrite=args.overwrite, progress=args.progress, **orient_kw)
+        if args.format == "peft":  # targets None: every layer of the moments (every default target for identity)
+            export_peft(model, moments, out, args.r, args.metric, targets=args.targets, tokenizer=tokenizer,
+                        overwrite=args.overwrite, progress=args.progress, **orient_kw)
         else:
             if report is None:
-                report = covsvd.attach_adapters(model, moments, args.r, args.metric, targets=targets,
+                report = covsvd.attach_adapters(model, moments, args.r, args.metric, targets=args.targets,
                                                 progress=args.progress, **orient_kw)
             covsvd.save_adapters(out, model)
     say(f"{report if report is not None else f'{args.metric} r={args.r}'} -> {out} ({args.format})\n"
@@ -334,7 +256,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="PATH|default",
                    help="a local transformers checkpoint directory, or 'default' (embedded all-MiniLM-L6-v2)")
     p.add_argument("--model-class", choices=MODEL_CLASSES, default="auto",
-                   help="auto (default): AutoModelForCausalLM when config.json names a *ForCausalLM "
+                   help="auto (default): AutoModelForCausalLM when config.json names a causal-LM "
                    "architecture, else AutoModel; causal-lm / base force one")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N|auto",
                    help="where the model and the accumulators live (default cpu; under torchrun, cuda = "

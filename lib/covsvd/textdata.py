@@ -32,8 +32,10 @@ SUFFIXES = (".txt", ".jsonl", ".parquet")
 IGNORE_INDEX = -100
 
 
-def _fix(field: str) -> str:
-    return f"name the field with text_field= (CLI: --text-field), e.g. --text-field {field}"
+def _fix(candidates: list[str]) -> str:
+    """The fix for a missing field, suggesting the first field that holds text."""
+    hint = f", e.g. --text-field {candidates[0]}" if candidates else ""
+    return f"name the field with text_field= (CLI: --text-field){hint}"
 
 
 def _check_value(value, path: Path, where: str, field: str) -> str | None:
@@ -61,7 +63,7 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[tuple[str, ...]]:
             missing = [k for k in fields if k not in record]
             if missing:
                 raise ValueError(f"{path}: the record on line {n} has no field {missing[0]!r} (its fields: "
-                                 f"{sorted(record)[:10]}); {_fix(sorted(record)[0] if record else 'text')}")
+                                 f"{list(record)[:10]}); {_fix([k for k, v in record.items() if isinstance(v, str)])}")
             rows.append(tuple(_check_value(record[k], path, f"line {n}", k) for k in fields))
     return rows
 
@@ -78,8 +80,10 @@ def _read_parquet(path: Path, fields: tuple[str, ...]) -> list[tuple[str, ...]]:
         raise ValueError(f"{path} is not a readable parquet file: {e}") from e
     missing = [k for k in fields if k not in schema.names]
     if missing:
-        raise ValueError(f"{path} has no column {missing[0]!r} (its columns: {schema.names[:10]}); "
-                         f"{_fix(schema.names[0] if schema.names else 'text')}")
+        import pyarrow as pa
+
+        texts = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+        raise ValueError(f"{path} has no column {missing[0]!r} (its columns: {schema.names[:10]}); {_fix(texts)}")
     table = pq.read_table(path, columns=list(fields))
     columns = [table.column(k).to_pylist() for k in fields]
     return [tuple(_check_value(v, path, f"row {i}", k) for k, v in zip(fields, row, strict=True))

@@ -511,13 +511,22 @@ def test_dict_r_gives_each_layer_its_rank(tmp_path):
     assert torch.equal(output(plain, batch), output(model, batch))
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda r, names: r.pop(names[1]), r"without an entry for 1 target layer\(s\): \['h\.0\.attn\.c_proj'\]"),
-    (lambda r, names: r.__setitem__("h.9.mlp.c_fc", 4), r"not targets: \['h\.9\.mlp\.c_fc'\]"),
-    (lambda r, names: r.__setitem__(names[2], 0), r"layer 'h\.0\.mlp\.c_fc': r=0 must be a positive int"),
-    (lambda r, names: r.__setitem__(names[0], 97), r"layer 'h\.0\.attn\.c_attn'.*r=97 exceeds min"),
+def test_dict_r_keys_are_the_default_targets():
+    model = tiny("gpt2")
+    moments = moments_of(model, token_batches())
+    ranks = {n: 3 for n in list(moments)[2:5]}  # three of the eight layers
+    report = attach_adapters(model, moments, r=ranks, metric="full", progress=False)
+    assert list(adapters(model)) == list(ranks) and [row["r"] for row in report.rows] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("explicit, edit, match", [
+    (True, lambda r, names: r.pop(names[1]), r"without an entry for 1 target layer\(s\): \['h\.0\.attn\.c_proj'\]"),
+    (True, lambda r, names: r.__setitem__("h.1.mlp.c_fc2", 4), r"not targets: \['h\.1\.mlp\.c_fc2'\]"),
+    (False, lambda r, names: r.__setitem__("h.1.mlp.c_fc2", 4), r"target 'h\.1\.mlp\.c_fc2' is not a module"),
+    (False, lambda r, names: r.__setitem__(names[2], 0), r"layer 'h\.0\.mlp\.c_fc': r=0 must be a positive int"),
+    (False, lambda r, names: r.__setitem__(names[0], 97), r"layer 'h\.0\.attn\.c_attn'.*r=97 exceeds min"),
 ])
-def test_dict_r_errors_name_the_layers_and_leave_the_model_untouched(edit, match):
+def test_dict_r_errors_name_the_layers_and_leave_the_model_untouched(explicit, edit, match):
     model = tiny("gpt2")
     moments = moments_of(model, token_batches())
     names = list(moments)
@@ -525,5 +534,5 @@ def test_dict_r_errors_name_the_layers_and_leave_the_model_untouched(edit, match
     edit(ranks, names)
     snap = snapshot(model)
     with pytest.raises(ValueError, match=match):
-        attach_adapters(model, moments, r=ranks, metric="full", progress=False)
+        attach_adapters(model, moments, r=ranks, metric="full", targets=names if explicit else None, progress=False)
     assert_untouched(model, snap)

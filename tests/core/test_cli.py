@@ -230,3 +230,21 @@ def test_init_streaming_equals_capture_then_attach(tmp_path, llama_dir, data):
         assert na == nb
         assert rel(x.dense_weight(trained=False), y.dense_weight(trained=False)) <= 1e-6, na
         assert rel((x.U * x.S) @ x.P, (y.U * y.S) @ y.P) <= 1e-5, na
+
+
+def test_launch_reads_torchrun_and_shards_every_nth_batch(monkeypatch):
+    from covsvd.launch import Launch
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    launch = Launch("cpu")  # not entered: no process group
+    assert (launch.world, launch.rank, str(launch.device)) == (3, 1, "cpu")
+    assert launch.shard(list(range(8))) == [1, 4, 7]
+    with pytest.raises(ValueError, match="2 batches for 3 processes"):
+        launch.shard([0, 1])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Launch("cuda")
+    with pytest.raises(ValueError, match="expected cpu, cuda"):
+        Launch("mps")

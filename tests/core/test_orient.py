@@ -1,6 +1,7 @@
 """Orientation algebra as properties (issue 3, items 1-5): exact residual, Eckart-Young under the metric,
 diag as the diagonal case of full, eps changes the basis but never the identity, M-orthonormal P, the
-Cholesky teaching form, the exact QR-first SVD, the Lanczos cond estimate, and the validation errors.
+Cholesky teaching form, the exact QR-first SVD, the Lanczos cond estimate, and the validation errors. Issue 12,
+item 5: the default (relative) eps makes orientation invariant to the scale of the inputs; absolute does not.
 
 Data: W with spread singular values; C = X^T X / n from n samples x = z diag(scales) R (R orthogonal,
 scales log-spread over ``cond_exp`` decades), as a SecondMoment, so every metric (asvd included) sees the
@@ -17,14 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from covsvd import SecondMoment
-from covsvd.damping import COND_STEPS, damp, lanczos_max
+from covsvd.damping import COND_STEPS, DEFAULT_EPS, DEFAULT_EPS_MODE, damp, lanczos_max
+from covsvd.lab.whitening import whiten_cholesky
 from covsvd.measures import functional_error, principal_angles
 from covsvd.orient import METRICS, orient
 from covsvd.thinsvd import truncated_svd
-from covsvd.lab.whitening import whiten_cholesky
 
 FAST = settings(max_examples=30, deadline=None)
 F64 = torch.float64
+ABS = "absolute"  # the tests that build M = C + eps I by hand pass eps as the absolute value
 
 
 
@@ -106,12 +108,12 @@ def test_full_reaches_the_eckart_young_bound_and_nothing_beats_it(c, eps, seed):
     Mh = (Q * lam.sqrt()) @ Q.T  # independent M^{1/2} (no clamp needed: C = X^T X / n is PSD)
     s = torch.linalg.svdvals(W @ Mh)
     bound = math.sqrt(float((s[r:] ** 2).sum() / (s**2).sum()))
-    full = orient(W, m, r, metric="full", eps=eps)
+    full = orient(W, m, r, metric="full", eps=eps, eps_mode=ABS)
     assert functional_error(W, product(full), M) == pytest.approx(bound, rel=1e-7, abs=1e-9)
     assert full.info["rel_error"] == pytest.approx(bound, rel=1e-7, abs=1e-9)
     floor = bound * (1 - 1e-7) - 1e-9
     for metric in ("identity", "diag", "corda", "asvd"):
-        assert functional_error(W, product(orient(W, m, r, metric=metric, eps=eps)), M) >= floor, metric
+        assert functional_error(W, product(orient(W, m, r, metric=metric, eps=eps, eps_mode=ABS)), M) >= floor, metric
     g = torch.Generator().manual_seed(seed)
     rand = torch.randn(c["d_out"], r, generator=g, dtype=F64) @ torch.randn(r, c["d_in"], generator=g, dtype=F64)
     near = (full.U * full.S) @ (full.P + 1e-3 * torch.randn(r, c["d_in"], generator=g, dtype=F64))  # rank r
@@ -123,7 +125,7 @@ def test_full_reaches_the_eckart_young_bound_and_nothing_beats_it(c, eps, seed):
 @given(c=cases(), metric=st.sampled_from(METRICS), comp=st.sampled_from(["top", "bottom"]))
 def test_info_rel_error_is_the_functional_error_under_the_damped_C(c, metric, comp):
     W, X, m = setup(c)
-    o = orient(W, m, c["r"], metric=metric, eps=1e-3, components=comp)
+    o = orient(W, m, c["r"], metric=metric, eps=1e-3, eps_mode=ABS, components=comp)
     M = damped_M(m.matrix(), 1e-3)
     assert o.info["rel_error"] == pytest.approx(functional_error(W, product(o), M), rel=1e-6, abs=1e-9)
     if metric == "full" and comp == "top":
@@ -171,16 +173,16 @@ def test_rows_of_P_are_M_orthonormal(c, solver, eps, comp):
     M = damped_M(m.matrix(), eps)
     cond = float(torch.linalg.cond(M))
     tol = 1e-12 * max(1.0, cond)
-    o = orient(W, m, r, metric="full", eps=eps, solver=solver, components=comp)
+    o = orient(W, m, r, metric="full", eps=eps, eps_mode=ABS, solver=solver, components=comp)
     assert float((o.P @ M @ o.P.T - eye).abs().max()) <= tol
-    d = orient(W, m, r, metric="diag", eps=eps, components=comp)
+    d = orient(W, m, r, metric="diag", eps=eps, eps_mode=ABS, components=comp)
     assert float((d.P @ torch.diag(m.diag() + eps) @ d.P.T - eye).abs().max()) <= 1e-10
-    a = orient(W, m, r, metric="asvd", eps=eps, components=comp)
+    a = orient(W, m, r, metric="asvd", eps=eps, eps_mode=ABS, components=comp)
     assert float((a.P @ torch.diag(m.mean_abs() + eps) @ a.P.T - eye).abs().max()) <= 1e-10  # s^2 = E|x| at alpha 1/2
     i = orient(W, None, r, metric="identity", components=comp)
     assert float((i.P @ i.P.T - eye).abs().max()) <= 1e-12
     if cond <= 1e4:  # corda is the full metric of M^2: its P rows are M^2-orthonormal (error ~ u cond^2)
-        k = orient(W, m, r, metric="corda", eps=eps, solver=solver, components=comp)
+        k = orient(W, m, r, metric="corda", eps=eps, eps_mode=ABS, solver=solver, components=comp)
         assert float((k.P @ M @ M @ k.P.T - eye).abs().max()) <= 1e-13 * cond**2 + 1e-10
 
 
@@ -188,7 +190,7 @@ def test_corda_is_full_under_M_squared():
     W, X = make_W(9, 12, 1), make_X(60, 12, 1, cond_exp=2)
     C, eps = X.T @ X / 60, 1e-2
     M = damped_M(C, eps)
-    k = orient(W, C, 4, metric="corda", eps=eps)
+    k = orient(W, C, 4, metric="corda", eps=eps, eps_mode=ABS)
     f = orient(W, M @ M, 4, metric="full", eps=0.0)
     torch.testing.assert_close(k.S, f.S, rtol=1e-9, atol=0)
     assert rel(product(k), product(f)) <= 1e-9
@@ -196,7 +198,7 @@ def test_corda_is_full_under_M_squared():
 
 def test_eps_changes_the_basis_never_the_identity():
     W, m = make_W(10, 16, 5), moment(make_X(80, 16, 5, cond_exp=6))
-    small, large = (orient(W, m, 4, metric="full", eps=e) for e in (1e-8, 1e-1))
+    small, large = (orient(W, m, 4, metric="full", eps=e, eps_mode=ABS) for e in (1e-8, 1e-1))
     for o in (small, large):
         assert rel(o.W_res + product(o), W) <= 1e-13
     angles = principal_angles(small.P.T, large.P.T)
@@ -204,6 +206,55 @@ def test_eps_changes_the_basis_never_the_identity():
     assert small.info["eps"] == 1e-8 and large.info["eps"] == 1e-1
     rel_mode = orient(W, m, 4, metric="full", eps=1e-2, eps_mode="relative")
     assert rel_mode.info["eps"] == pytest.approx(1e-2 * float(m.diag().mean()), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ the default eps: relative
+#: x -> a x scales the metric M by this power of a under relative eps: C (full, diag) by a^2, M^2 (corda's T = M,
+#: so W T) by a^4, asvd's s^2 = E|x| (alpha 1/2) by a; identity not at all. S scales by the square root.
+M_POWER = {"identity": 0, "diag": 2, "full": 2, "corda": 4, "asvd": 1}
+
+
+@FAST
+@given(c=cases(), metric=st.sampled_from(METRICS), a=st.sampled_from([1e-2, 0.3, 7.0, 1e3]),
+       solver=st.sampled_from(["cholesky", "eigh"]))
+def test_the_default_eps_makes_orientation_scale_invariant(c, metric, a, solver):
+    W, X, m = setup(c)
+    r = c["r"]
+    one = orient(W, m, r, metric=metric, solver=solver)
+    scaled = orient(W, moment(a * X), r, metric=metric, solver=solver)
+    k = a ** (M_POWER[metric] / 2)  # S scales by k, P by 1/k
+    torch.testing.assert_close(scaled.S, k * one.S, rtol=1e-9, atol=1e-12 * k * float(one.S[0]))
+    if metric != "identity":
+        assert scaled.info["eps"] == pytest.approx(one.info["eps"] * a ** (1 if metric == "asvd" else 2), rel=1e-9)
+    if metric in ("identity", "full") and r < min(W.shape):  # U, P's row space and U S P: unique given a gap at r
+        T = damp(m.matrix(), one.info["eps"], ABS, solver="eigh").half() if metric == "full" else None
+        s_all = torch.linalg.svdvals(W if T is None else W @ T)
+        if float(s_all[r - 1] - s_all[r]) > 1e-3 * float(s_all[0]):
+            assert rel(product(scaled), product(one)) <= 1e-7
+            assert float(principal_angles(scaled.P.T, one.P.T).max()) <= 1e-6
+            assert float(principal_angles(scaled.U, one.U).max()) <= 1e-6
+
+
+def test_an_absolute_eps_is_a_relative_one_that_moves_with_the_scale():
+    W, X = make_W(10, 16, 5), make_X(80, 16, 5, cond_exp=4)
+    m = moment(X)
+    for a in (1e-2, 1e2):
+        scaled = orient(W, moment(a * X), 4, metric="full", eps=1e-3, eps_mode=ABS)
+        same = orient(W, m, 4, metric="full", eps=1e-3 / a**2, eps_mode=ABS)  # a^2 C + e I = a^2 (C + e/a^2 I)
+        assert rel(product(scaled), product(same)) <= 1e-9
+        base = orient(W, m, 4, metric="full", eps=1e-3, eps_mode=ABS)
+        assert float(principal_angles(scaled.P.T, base.P.T).max()) > 1e-2  # a different basis at another scale
+
+
+@FAST
+@given(c=cases(), eps=st.sampled_from([1e-5, 1e-3, 1e-1]), metric=st.sampled_from(["full", "diag"]))
+def test_relative_eps_bounds_cond_and_the_rows_of_P(c, eps, metric):
+    """lam_max(C) <= tr C = d mean(diag C), so cond(M) <= 1 + d / eps; and P M P^T = I gives
+    ||p_i|| <= lam_min(M)^(-1/2) <= (eps mean(diag C))^(-1/2), whatever the data."""
+    W, X, m = setup(c)
+    o = orient(W, m, c["r"], metric=metric, eps=eps, solver="eigh")
+    assert o.info["cond"] <= (1 + c["d_in"] / eps) * (1 + 1e-9)
+    assert float(o.P.norm(dim=1).max()) <= (eps * float(m.diag().mean())) ** -0.5 * (1 + 1e-9)
 
 
 # ------------------------------------------------------------------------------------------ 5. Cholesky form == full
@@ -214,7 +265,7 @@ def test_cholesky_teaching_form_and_both_solvers_equal_full(c, eps):
     r, M = c["r"], damped_M(m.matrix(), eps)
     U, S, P = whiten_cholesky(W, M, r)
     for solver in ("cholesky", "eigh"):
-        o = orient(W, m, r, metric="full", eps=eps, solver=solver)
+        o = orient(W, m, r, metric="full", eps=eps, eps_mode=ABS, solver=solver)
         torch.testing.assert_close(o.S, S, rtol=1e-9, atol=1e-14)
         s_all = torch.linalg.svdvals(W @ torch.linalg.cholesky(M))
         gap = float(s_all[r - 1] - s_all[r]) if r < len(s_all) else float(s_all[0])
@@ -316,9 +367,14 @@ def test_info_reports_what_was_used():
     W, m = make_W(6, 9, 0), moment(make_X(40, 9, 0))
     o = orient(W, m, 2, metric="full", solver="eigh", name="blk.0")
     C = m.matrix()
-    assert o.info["cond"] == pytest.approx(float(torch.linalg.cond(C + 1e-3 * torch.eye(9, dtype=F64))), rel=1e-8)
+    e = DEFAULT_EPS * float(C.diagonal().mean())  # the default is relative
+    assert DEFAULT_EPS_MODE == "relative" and o.info["eps_mode"] == "relative" and o.info["eps_arg"] == DEFAULT_EPS
+    assert o.info["eps"] == pytest.approx(e, rel=1e-12) and damp(C).eps == pytest.approx(e, rel=1e-12)
+    assert o.info["cond"] == pytest.approx(float(torch.linalg.cond(C + e * torch.eye(9, dtype=F64))), rel=1e-8)
     assert o.info["cond_method"] == "exact" and o.info["clamped"] == 0 and o.info["count"] == 40
-    assert o.info["name"] == "blk.0" and o.info["compute_dtype"] == "float64" and o.info["eps"] == 1e-3
+    assert o.info["name"] == "blk.0" and o.info["compute_dtype"] == "float64" and o.info["svd"] == "exact"
+    a = orient(W, m, 2, metric="full", eps=1e-3, eps_mode=ABS)
+    assert a.info["eps"] == 1e-3 and a.info["eps_mode"] == ABS
     assert orient(W, m, 2, metric="full").info["clamped"] is None  # cholesky does not clamp
 
 
@@ -376,8 +432,8 @@ def test_indefinite_C_raises_for_cholesky_and_is_clamped_by_eigh():
     lam = torch.linspace(-0.5, 1.0, 9, dtype=F64)
     C = (Q * lam) @ Q.T  # materially indefinite
     with pytest.raises(ValueError, match=r"layer 'q': C \+ eps I .* not positive definite.*solver='eigh'"):
-        orient(W, C, 2, eps=1e-3, name="q")
-    o = orient(W, C, 2, eps=1e-3, solver="eigh")
+        orient(W, C, 2, eps=1e-3, eps_mode=ABS, name="q")
+    o = orient(W, C, 2, eps=1e-3, eps_mode=ABS, solver="eigh")
     assert o.info["clamped"] == int((lam < 0).sum())
     Mc = (Q * (lam.clamp_min(0) + 1e-3)) @ Q.T  # the clamped M of DESIGN.md
     assert float((o.P @ Mc @ o.P.T - torch.eye(2, dtype=F64)).abs().max()) <= 1e-9

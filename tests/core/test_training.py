@@ -9,6 +9,7 @@ on the original base. test_readme_use_it_with_peft runs README's "Use it with pe
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,25 +144,23 @@ def test_covsvd_adapters_train_under_trainer_and_export_a_rank_r_lora(case, tmp_
     assert not adapters(model)
 
 
+def readme_block(heading: str) -> str:
+    """The first ```python block under ``heading`` in README.md."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = text.split(heading + "\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 def test_readme_use_it_with_peft(case, tmp_path, monkeypatch):
     """README.md "Use it with peft" runs the lines between the markers verbatim (paths relative to a tmp cwd)."""
     original, _, data = case
     model, batches = copy.deepcopy(original), [batched(data)]
     monkeypatch.chdir(tmp_path)
 
-    # --- README: use it with peft ---
-    moments = covsvd.capture_moments(model, batches)                      # E[x x^T] per Linear input, fp64
-    out = covsvd.export_peft(model, moments, "init", r=8, metric="full")  # init/base (W_res) + init/adapter (B, A)
-    base = AutoModelForCausalLM.from_pretrained(out / "base")
-    lora = PeftModel.from_pretrained(base, out / "adapter", is_trainable=True)  # == model, to fp32 rounding
-    args = TrainingArguments("run", max_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True)
-    Trainer(model=lora, args=args, train_dataset=data).train()
-    lora.save_pretrained("lora", path_initial_model_for_weight_conversion=out / "adapter")  # rank 2r, on W
-    # or train covsvd's own bounded-gain adapters, and get a rank-r LoRA on the original base:
-    covsvd.attach_adapters(model, moments, r=8, metric="full")
-    Trainer(model=model, args=args, train_dataset=data).train()
-    covsvd.export_lora_delta(model, "lora_r")                            # PeftModel.from_pretrained(original, "lora_r")
-    # --- end README ---
+    ns = dict(covsvd=covsvd, model=model, batches=batches, data=data, AutoModelForCausalLM=AutoModelForCausalLM,
+              PeftModel=PeftModel, TrainingArguments=TrainingArguments, Trainer=Trainer)
+    exec(compile(readme_block("## Use it with peft"), "README.md", "exec"), ns)  # the README's lines, verbatim
+    lora, model = ns["lora"], ns["model"]
 
     batch = batched(data)
     y0 = logits(original, batch)

@@ -131,7 +131,7 @@ def test_draw_and_png(setup):
     v = Explorer(model, cal, held).view(State(NARROW, "full", 12, 1e-3, "identity"))
     fig = draw(v)
     assert len(fig.axes) == 4
-    line = fig.axes[2].get_lines()[-1]  # the marker at r on the error panel
+    (line,) = [ln for ln in fig.axes[2].get_lines() if ln.get_marker() == "o"]  # the marker at r, error panel
     assert list(line.get_xdata()) == [12] and list(line.get_ydata()) == pytest.approx([v.error_cal])
     png = render_png(v)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -144,7 +144,7 @@ def test_widget_wiring_updates_the_view(setup):
     assert isinstance(app, ExplorerApp) and app.view.state == State(LAYER, "full", 8, 1e-3, "diag")
     png = app.image.value
     app.controls["r"].value = 3
-    assert app.view.state.r == 3 and app.image.value != png and "angles to diag" in app.numbers.value
+    assert app.view.state.r == 3 and app.image.value != png and "r = 3 (of at most 32)" in app.numbers.value
     app.controls["eps"].value = 1e-5
     assert app.view.state.eps == pytest.approx(1e-5) and app.explorer.counts == 4
     app.controls["metric"].value = "corda"

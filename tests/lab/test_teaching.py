@@ -84,7 +84,7 @@ def test_store_factors_tight_is_orient_bit_for_bit_and_naive_is_looser(storage):
 def test_literal_whitening_matches_orient_when_well_posed_and_breaks_when_not():
     W, m = _case(3, 6, 8, n=80)
     U, S, P, lam = literal_eigh_whitening(W, m.matrix(), 3, eps=1e-3, dtype=F64)
-    o = orient(W, m, 3, metric="full", eps=1e-3, solver="eigh")
+    o = orient(W, m, 3, metric="full", eps=1e-3, eps_mode="absolute", solver="eigh")
     assert torch.allclose(S, o.S, rtol=1e-10)
     assert torch.allclose((U * S) @ P, (o.U * o.S) @ o.P, atol=1e-10)
     # a singular C (rank 2 < d_in): with the clamp and eps = 0, 1/sqrt(0) puts inf/NaN into P

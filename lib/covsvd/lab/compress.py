@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..damping import DEFAULT_EPS
+from ..damping import DEFAULT_EPS, DEFAULT_EPS_MODE
 from ..orient import Oriented, orient
 from ..targets import find_targets, weight_matrix
 from .task import mean_pool
@@ -85,7 +85,7 @@ def factor(
     C,
     metric: str,
     eps: float = DEFAULT_EPS,
-    eps_mode: str = "absolute",
+    eps_mode: str = DEFAULT_EPS_MODE,
     *,
     compute_dtype: torch.dtype = torch.float64,
     name: str | None = None,
@@ -147,7 +147,7 @@ def factor_layers(
     metric: str,
     targets=None,
     eps: float = DEFAULT_EPS,
-    eps_mode: str = "absolute",
+    eps_mode: str = DEFAULT_EPS_MODE,
     *,
     compute_dtype: torch.dtype = torch.float64,
     **orient_kwargs,

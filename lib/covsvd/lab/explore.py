@@ -36,8 +36,8 @@ from ..damping import DEFAULT_EPS, DEFAULT_EPS_MODE
 from ..measures import metric_mul, principal_angles, quad
 from ..moments import SecondMoment
 from ..orient import METRICS, orient
-from ..validate import FULL_METRICS
 from ..targets import weight_matrix
+from ..validate import FULL_METRICS
 
 F64 = torch.float64
 #: eps slider range, as powers of ten.
@@ -59,7 +59,8 @@ def error_curve(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tens
     """Functional error of every rank prefix of one orientation: ``(k + 1,)`` fp64, entry r for ``r = 0..k``.
 
     ``err_r = ||(W - U_r S_r P_r) C^{1/2}||_F / ||W C^{1/2}||_F`` with ``U (d_out, k)``, ``S (k,)``, ``P (k, d_in)``
-    the factors of :func:`covsvd.orient` at rank k (any metric, ``components="top"``) and ``C`` the data moment,
+    the factors of :func:`covsvd.orient` at rank ``k <= min(d_out, d_in)`` (any metric, ``components="top"``;
+    ``err_k`` is 0 up to rounding only when ``k = min(d_out, d_in)``) and ``C`` the data moment,
     ``(d_in, d_in)`` or a ``(d_in,)`` diagonal. ``G``: :func:`output_moment` of ``(W, C)`` when already at hand
     (it does not depend on the orientation; used when ``d_out <= d_in``).
 
@@ -88,7 +89,8 @@ def error_curve(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tens
     total = float(quad(W64, C64)) if G is None else float(G.diagonal().sum())  # tr(W C W^T)
     q = q.clamp_min(0)
     tail = torch.cat([q.flip(0).cumsum(0).flip(0), q.new_zeros(1)])  # (k + 1,) sum_{j > r} q_j
-    tail += max(total - float(q.sum()), 0.0)  # energy outside span(U): zero up to rounding
+    # energy outside span(U): the directions past k when k < min(d_out, d_in), else zero up to rounding
+    tail += max(total - float(q.sum()), 0.0)
     return (tail / total).sqrt()
 
 
@@ -288,16 +290,17 @@ def draw(view: View, fig=None):
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullLocator
 
-    from .plotting import OTHER_COLOR, color
+    from .plotting import OTHER_COLOR, color, plain_log
 
-    fig = fig if fig is not None else Figure(figsize=(10.5, 6.6))
+    # a fixed layout (no layout engine, even under cp.use_style's constrained default), plain log tick labels and
+    # no minor ticks: constrained layout, mathtext labels and tick objects were most of the drawing time
+    # (profiled), and the widget redraws on every change
+    fig = fig if fig is not None else Figure(figsize=(10.5, 6.6), layout="none")
     fig.clear()
-    # a fixed layout and no minor labels on the log axes: constrained layout and log minor-tick labels were
-    # most of the drawing time (profiled), and the widget redraws on every change
-    fig.subplots_adjust(left=0.07, right=0.985, bottom=0.08, top=0.9, hspace=0.42, wspace=0.2)
+    fig.set_layout_engine("none")
     s = view.state
     main, grey = color(s.metric), OTHER_COLOR
-    ax = fig.subplots(2, 2)
+    ax = fig.subplots(2, 2, gridspec_kw=dict(left=0.07, right=0.985, bottom=0.08, top=0.9, hspace=0.42, wspace=0.2))
     idx = torch.arange(1, view.r_max + 1)
 
     a = ax[0, 0]
@@ -313,14 +316,15 @@ def draw(view: View, fig=None):
     if s.r < view.r_max:
         a.plot(idx[s.r :], norms[s.r :], color=main, lw=1.0, alpha=0.35, label="dropped")
     a.set(yscale="log", xlabel="row j of P", ylabel="||p_j||", title="Row norms of P")
-    a.legend(loc="upper right")
+    a.legend(loc="lower right")
 
     a = ax[1, 0]
-    ranks = torch.arange(0, view.r_max + 1)
+    shown = slice(1, max(view.r_max, 2))  # r = 1 .. r_max - 1: at r = min(d_out, d_in) the error is 0
+    ranks = torch.arange(0, view.r_max + 1)[shown]
     for b, c, name in ((view.other, grey, s.other), (view.basis, main, s.metric)):
-        a.plot(ranks[1:], b.error_cal[1:], color=c, lw=1.4, label=f"{name}, calibration")
+        a.plot(ranks, b.error_cal[shown], color=c, lw=1.4, label=f"{name}, calibration")
         if b.error_held is not None:
-            a.plot(ranks[1:], b.error_held[1:], color=c, lw=1.4, ls="--", label=f"{name}, held-out")
+            a.plot(ranks, b.error_held[shown], color=c, lw=1.4, ls="--", label=f"{name}, held-out")
     a.plot([s.r], [view.error_cal], "o", color=main, ms=5)
     a.axvline(s.r, color="0.3", lw=0.9, ls=":")
     a.set(yscale="log", xlabel="rank r", ylabel="relative output error", title="Functional error vs r")
@@ -334,6 +338,7 @@ def draw(view: View, fig=None):
           title=f"Principal angles, top-{s.r} input bases: {s.metric} vs {s.other}")
     a.legend(loc="upper left")
     for a in ax.flat[:3]:
+        plain_log(a, "y", subs=(1.0,))
         a.yaxis.set_minor_locator(NullLocator())
     fig.suptitle(f"{s.layer}  W {view.shape[0]}x{view.shape[1]}  metric {s.metric}  r = {s.r}  eps = {s.eps:.2g}",
                  fontsize=11)
@@ -364,6 +369,7 @@ def summary_html(view: View) -> str:
         ("layer", f"{s['layer']} ({view.shape[0]} x {view.shape[1]})"),
         ("tokens", f"{s['tokens']} calibration" + ("" if s["held_tokens"] is None else f", {s['held_tokens']} held-out")),
         ("eps", f"{s['eps']:.3g} ({view.basis.info['eps_mode']}; {s['eps_abs']:.3g} added), cond(M) {s['cond']:.3g}"),
+        ("rank", f"r = {s['r']} (of at most {view.r_max})"),
         ("energy kept", pct(s["energy_kept"])),
         (f"error, {s['metric']}", f"calibration {pct(s['error_cal'])}, held-out {pct(s['error_held'])}"),
         (f"error, {s['other']}", f"calibration {pct(s['other_error_cal'])}, held-out {pct(s['other_error_held'])}"),
@@ -375,8 +381,11 @@ def summary_html(view: View) -> str:
 
 def render_png(view: View, dpi: int = 80) -> bytes:
     """:func:`draw` rendered to PNG bytes (what the widget shows)."""
+    import matplotlib as mpl
+
     buf = io.BytesIO()
-    draw(view).savefig(buf, format="png", dpi=dpi, facecolor="white")
+    with mpl.rc_context({"savefig.bbox": "standard"}):  # not cp.use_style's "tight": a second full draw
+        draw(view).savefig(buf, format="png", dpi=dpi, facecolor="white")
     return buf.getvalue()
 
 
@@ -406,7 +415,7 @@ class ExplorerApp:
                                     layout=wide),
         }
         self.numbers = w.HTML()
-        self.image = w.Image(format="png")
+        self.image = w.Image(format="png", layout=w.Layout(max_width="860px"))  # its own size, not the page's
         self.status = w.HTML()
         c = self.controls
         self.widget = w.VBox([w.HBox([c["layer"], c["metric"], c["other"]]), w.HBox([c["r"], c["eps"]]),
