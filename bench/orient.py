@@ -5,8 +5,8 @@
 
 Sections
   A. The published down_proj shape, W 1024 x 3584, r = 256, C from 64k synthetic tokens: orient(metric="full")
-     in fp32 vs (a) the eigh route written in DESIGN.md (dense M^{1/2}, M^{-1/2} by eigh, torch.linalg.svd)
-     and (b) peft's collect_eigens_for_layer on the same C; accuracy vs the fp64 DESIGN route.
+     in fp32 vs (a) the eigh route written in docs/algebra.md (dense M^{1/2}, M^{-1/2} by eigh, torch.linalg.svd)
+     and (b) peft's collect_eigens_for_layer on the same C; accuracy vs the fp64 definition route.
   B. 24 layers of that shape end to end (capture excluded), fp32.
   C. identity / diag / corda / full at d_in in {384, 1536, 4096}, fp32 and fp64: time and accuracy.
   D. Absolute eps on the default model: spectra of its 37 inputs and the cost of eps in functional error (the
@@ -42,7 +42,7 @@ from covsvd.orient import orient as _orient  # noqa: E402
 F32, F64 = torch.float32, torch.float64
 RESULTS = Path(__file__).parent / "results" / "orient.md"
 #: The bench's recorded eps: 1e-3 absolute (covsvd's default before it became relative). Its hand-built references
-#: (the DESIGN eigh route, M = C + eps I) add eps as given, so every orient call here is absolute unless it says so.
+#: (the definition eigh route, M = C + eps I) add eps as given, so every orient call here is absolute unless it says so.
 EPS = 1e-3
 
 
@@ -88,7 +88,7 @@ def rescaled(m: SecondMoment, d: torch.Tensor) -> SecondMoment:
 
 # ----------------------------------------------------------------------------------------------- routes
 def design_eigh_route(W, C, r, eps, dtype):
-    """DESIGN.md, literally: M^{1/2}, M^{-1/2} via eigh (clamp, + eps), svd(W @ M^{1/2}), P = Vh_r @ M^{-1/2}."""
+    """docs/algebra.md, literally: M^{1/2}, M^{-1/2} via eigh (clamp, + eps), svd(W @ M^{1/2}), P = Vh_r @ M^{-1/2}."""
     W, C = W.to(dtype), C.to(dtype)
     lam, Q = torch.linalg.eigh(C)
     lam = lam.clamp_min(0) + eps
@@ -160,7 +160,7 @@ def section_a(m, d_out, r, reps, eps, lines):
 
     fns = {
         "orient full fp32 (cholesky)": lambda: orient(W, m, r, metric="full", eps=eps, compute_dtype=F32),
-        "DESIGN eigh route fp32": lambda: design_eigh_route(W, C32, r, eps, F32),
+        "definition eigh route fp32": lambda: design_eigh_route(W, C32, r, eps, F32),
         "peft collect_eigens_for_layer (fp32)": lambda: peft_route(W, C32),
         "orient corda fp32 (same algebra as peft)": lambda: orient(W, m, r, metric="corda", eps=0.01,
                                                                     eps_mode="relative", compute_dtype=F32),
@@ -180,18 +180,18 @@ def section_a(m, d_out, r, reps, eps, lines):
     acc = {
         "orient full fp32 (cholesky)": (rel(product(o.U, o.S, o.P), B_ref), float(((o.S.double() - ref[1]) / ref[1]).abs().max())),
         "orient full fp64 (cholesky)": (rel(product(o64.U, o64.S, o64.P), B_ref), float(((o64.S - ref[1]) / ref[1]).abs().max())),
-        "DESIGN eigh route fp32": (rel(product(*d32), B_ref), float(((d32[1].double() - ref[1]) / ref[1]).abs().max())),
+        "definition eigh route fp32": (rel(product(*d32), B_ref), float(((d32[1].double() - ref[1]) / ref[1]).abs().max())),
         "orient full fp32 svd=randomized (p=10, q=2)": (rel(product(o_rand.U, o_rand.S, o_rand.P), B_ref),
                                                         float(((o_rand.S.double() - ref[1]) / ref[1]).abs().max())),
     }
     rand_error = (o_rand.info["rel_error"], o.info["rel_error"])  # functional error: randomized vs exact
-    base_a, base_b = t["DESIGN eigh route fp32"], t["peft collect_eigens_for_layer (fp32)"]
+    base_a, base_b = t["definition eigh route fp32"], t["peft collect_eigens_for_layer (fp32)"]
     ours = t["orient full fp32 (cholesky)"]
     ra, rb = ours / base_a, ours / base_b
     rows = [
         [k, f"{v:.2f}", f"{v / base_a:.2f}x", f"{v / base_b:.2f}x"] for k, v in t.items()
     ] + [["orient full fp64 (cholesky), 1 run", f"{t64:.2f}", f"{t64 / base_a:.2f}x", f"{t64 / base_b:.2f}x"],
-         ["DESIGN eigh route fp64 (the reference), 1 run", f"{t_ref:.2f}", f"{t_ref / base_a:.2f}x", f"{t_ref / base_b:.2f}x"]]
+         ["definition eigh route fp64 (the reference), 1 run", f"{t_ref:.2f}", f"{t_ref / base_a:.2f}x", f"{t_ref / base_b:.2f}x"]]
     err_rows = [[k, f"{a:.2e}", f"{s:.2e}"] for k, (a, s) in acc.items()]
     ok_a, ok_b, ok_acc = ra <= 0.4, rb <= 0.6, acc["orient full fp32 (cholesky)"][0] <= 1e-4
     lines += [
@@ -205,12 +205,12 @@ def section_a(m, d_out, r, reps, eps, lines):
         "peft runs its own damping (0.01 x mean diag C) and computes the corda basis; the row "
         "`orient corda` is the like-for-like computation.",
         "",
-        md_table(["route", "seconds", "vs DESIGN eigh fp32", "vs peft"], rows),
+        md_table(["route", "seconds", "vs definition eigh fp32", "vs peft"], rows),
         "",
-        f"Targets: full fp32 <= 0.4x DESIGN eigh route: **{ra:.2f}x {'met' if ok_a else 'MISSED'}**; "
+        f"Targets: full fp32 <= 0.4x definition eigh route: **{ra:.2f}x {'met' if ok_a else 'MISSED'}**; "
         f"<= 0.6x peft: **{rb:.2f}x {'met' if ok_b else 'MISSED'}**.",
         "",
-        "Accuracy against the fp64 DESIGN eigh route (same eps): ||B - B_ref||_F / ||B_ref||_F with "
+        "Accuracy against the fp64 definition eigh route (same eps): ||B - B_ref||_F / ||B_ref||_F with "
         "B = U_r S_r P_r, and max relative error of S_r. The randomized SVD is an approximation: its functional "
         f"error under M is {rand_error[0]:.5f} vs {rand_error[1]:.5f} exact (fp32).",
         "",

@@ -1,6 +1,6 @@
-"""data/published/*.csv hold exactly the published numbers of DESIGN.md, each row with its source.
+"""data/published/*.csv hold exactly the published numbers of docs/algebra.md ("Published results"), each row with its source.
 
-The values are written out here by hand from DESIGN.md ("Published results to plot") and issue 4, so a
+The values are written out here by hand from docs/algebra.md ("Published results") and issue 4, so a
 typo in a CSV, a dropped row or an edit that changes a number fails. Unstated facts stay empty in the
 CSVs: the seed of every arm but AntiPaSTO-rot (V) (seed 0), the rank of IA3 (it has none), the metric
 of the rot/ablate/dplr arms, the n behind "valid %", and the dataset of CorDA's Table 6.
@@ -13,7 +13,7 @@ import pytest
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "published"
 
-# arm: (test %, valid %, trainable params, init seconds) -- DESIGN.md's table, in its order
+# arm: (test %, valid %, trainable params, init seconds) -- docs/algebra.md's table, in its order
 ARMS = {
     "DoRA": (60.2, 68.0, 3.56e6, 0.16),
     "LoRA": (59.8, 68.0, 3.54e6, 0.02),
@@ -32,7 +32,7 @@ ARMS = {
 }
 # (rotate, seed): test %
 ROTATION = {("V", 0): 57.2, ("U", 0): 56.5, ("both", 0): 55.6, ("U", 1): 57.5, ("both", 1): 56.9, ("V", 1): 56.2}
-TWO_SEED_MEANS = {"U": 57.0, "V": 56.7, "both": 56.3}  # DESIGN.md, rounded half up to 0.1
+TWO_SEED_MEANS = {"U": 57.0, "V": 56.7, "both": 56.3}  # docs/algebra.md, rounded half up to 0.1
 # (paper, method): perplexity
 COMPRESSION = {
     ("SVD-LLM", "SVD"): 20061.0,
@@ -62,7 +62,7 @@ def test_every_published_file_has_a_source_on_every_row():
 
 def test_gsm8k_arm_table_matches_design():
     df = read("gsm8k_arms")
-    assert df["arm"].to_list() == list(ARMS), "arms missing, extra or out of DESIGN.md's order"
+    assert df["arm"].to_list() == list(ARMS), "arms missing, extra or out of docs/algebra.md's order"
     for row in df.iter_rows(named=True):
         test, valid, params, init = ARMS[row["arm"]]
         assert row["test_pct"] == test, row["arm"]

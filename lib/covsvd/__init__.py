@@ -41,6 +41,7 @@ from .moments import SecondMoment
 from .orient import METRICS, Oriented, orient
 from .peft_export import export_peft
 from .serialize import load_adapters, save_adapters
+from .sufficiency import InsufficientCalibrationWarning, basis_angles, check_sufficient, layer_angles, split_half
 from .targets import find_targets, weight_matrix
 from .textdata import prompt_batches, read_texts, text_batches
 from .version import __version__
@@ -52,6 +53,7 @@ __all__ = [
     "AttachReport",
     "BoundedGainLinear",
     "Damped",
+    "InsufficientCalibrationWarning",
     "MemoryEstimate",
     "MomentCapture",
     "Oriented",
@@ -60,10 +62,12 @@ __all__ = [
     "adapter_parameters",
     "adapters",
     "attach_adapters",
+    "basis_angles",
     "cache_path",
     "cached_capture",
     "calibration_batches",
     "capture_moments",
+    "check_sufficient",
     "count_tokens",
     "damp",
     "default_model_path",
@@ -78,6 +82,7 @@ __all__ = [
     "identity_error",
     "init_adapters",
     "iter_block_moments",
+    "layer_angles",
     "load_adapters",
     "load_default_model",
     "load_model",
@@ -90,6 +95,7 @@ __all__ = [
     "read_texts",
     "save_adapters",
     "save_moments",
+    "split_half",
     "text_batches",
     "trainable_parameters",
     "weight_matrix",

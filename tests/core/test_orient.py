@@ -435,6 +435,6 @@ def test_indefinite_C_raises_for_cholesky_and_is_clamped_by_eigh():
         orient(W, C, 2, eps=1e-3, eps_mode=ABS, name="q")
     o = orient(W, C, 2, eps=1e-3, eps_mode=ABS, solver="eigh")
     assert o.info["clamped"] == int((lam < 0).sum())
-    Mc = (Q * (lam.clamp_min(0) + 1e-3)) @ Q.T  # the clamped M of DESIGN.md
+    Mc = (Q * (lam.clamp_min(0) + 1e-3)) @ Q.T  # the clamped M of docs/algebra.md ("Damping")
     assert float((o.P @ Mc @ o.P.T - torch.eye(2, dtype=F64)).abs().max()) <= 1e-9
     assert rel(o.W_res + product(o), W) <= 1e-13
