@@ -16,6 +16,14 @@ only; the research lab (``covsvd.lab``: ablations, sweeps, plotting, the noteboo
 The algebra is docs/algebra.md.
 """
 
+from .allocate import (
+    allocate_ranks,
+    allocation_cost,
+    allocation_error,
+    layer_spectra,
+    optimal_ranks,
+    rank_costs,
+)
 from .attach import (
     AttachReport,
     adapter_parameters,
@@ -31,17 +39,23 @@ from .corpus import calibration_batches, count_tokens, passages
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp
 from .init import init_adapters
 from .io import load_moments, save_moments
-from .layerwise import find_blocks, iter_block_moments
 from .layer import BoundedGainLinear
+from .layerwise import find_blocks, iter_block_moments
 from .lora_delta import export_lora_delta
-from .measures import functional_error, identity_error, principal_angles
+from .measures import functional_error, identity_error, principal_angles, quad
 from .memory import MemoryEstimate, estimate_memory
 from .models import default_model_path, load_default_model, load_model, model_identity
 from .moments import SecondMoment
 from .orient import METRICS, Oriented, orient
 from .peft_export import export_peft
 from .serialize import load_adapters, save_adapters
-from .sufficiency import InsufficientCalibrationWarning, basis_angles, check_sufficient, layer_angles, split_half
+from .sufficiency import (
+    InsufficientCalibrationWarning,
+    basis_angles,
+    check_sufficient,
+    layer_angles,
+    split_half,
+)
 from .targets import find_targets, weight_matrix
 from .textdata import prompt_batches, read_texts, text_batches
 from .version import __version__
@@ -61,6 +75,9 @@ __all__ = [
     "__version__",
     "adapter_parameters",
     "adapters",
+    "allocate_ranks",
+    "allocation_cost",
+    "allocation_error",
     "attach_adapters",
     "basis_angles",
     "cache_path",
@@ -83,15 +100,19 @@ __all__ = [
     "init_adapters",
     "iter_block_moments",
     "layer_angles",
+    "layer_spectra",
     "load_adapters",
     "load_default_model",
     "load_model",
     "load_moments",
     "model_identity",
+    "optimal_ranks",
     "orient",
     "passages",
     "principal_angles",
     "prompt_batches",
+    "quad",
+    "rank_costs",
     "read_texts",
     "save_adapters",
     "save_moments",
