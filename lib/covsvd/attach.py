@@ -30,8 +30,10 @@ from .digest import sampled_digest
 from .layer import BoundedGainLinear, rotate_arm
 from .measures import identity_error, max_relative_error
 from .models import model_identity
+from .moments import SecondMoment
 from .orient import orient
 from .rotation import a_limit, block_sizes
+from .sufficiency import check_sufficient
 from .targets import find_targets, in_out_features, weight_matrix
 from .validate import METRICS, moment_parts
 
@@ -121,7 +123,7 @@ class AttachReport:
         worst = max(r["identity_error"] for r in self.rows)
         init = sum(r["init_s"] for r in self.rows)
         return (f"AttachReport({len(self.rows)} layers, metric={self.settings.get('metric')}, "
-                f"r={_rank_str(self.settings.get('r'))}, rotate={self.settings.get('rotate')}, "
+                f"r={rank_str(self.settings.get('r'))}, rotate={self.settings.get('rotate')}, "
                 f"trainable={self.trainable}, "
                 f"max identity error {worst:.2e}, init {init:.2f} s)")
 
@@ -130,14 +132,14 @@ class AttachReport:
 # --------------------------------------------------------------------------------------------- attach
 
 
-def _rank_str(r) -> str:
+def rank_str(r) -> str:
     """``"64"`` for one rank, ``"per layer 8..96"`` for a ``{name: r}`` dict (progress bars, reports)."""
     if isinstance(r, Mapping):
         return f"per layer {min(r.values())}..{max(r.values())}" if r else "per layer (none)"
     return str(r)
 
 
-def _layer_ranks(r, names: list[str]) -> dict[str, int]:
+def layer_ranks(r, names: list[str]) -> dict[str, int]:
     """``{name: r}`` for every target from an int or a dict; raises naming missing / extra layers or bad ranks."""
     if isinstance(r, Mapping):
         missing = [n for n in names if n not in r]
@@ -157,7 +159,7 @@ def _layer_ranks(r, names: list[str]) -> dict[str, int]:
     return ranks
 
 
-def _resolve_targets(model, moments, metric, targets) -> list[str]:
+def resolve_targets(model, moments, metric, targets) -> list[str]:
     named = list(moments) if targets is None and moments else (
         [targets] if isinstance(targets, str) else list(targets) if isinstance(targets, (list, tuple, set)) else [])
     attached = adapters(model)
@@ -177,7 +179,7 @@ def _resolve_targets(model, moments, metric, targets) -> list[str]:
     return find_targets(model, None)
 
 
-def _check_tied(model: nn.Module, names: list[str]) -> None:
+def check_tied(model: nn.Module, names: list[str]) -> None:
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(pname)
@@ -249,8 +251,8 @@ def attach_adapters(
 
     if isinstance(r, Mapping) and targets is None:
         targets = list(r)  # a {name: r} dict names its layers (as covsvd.export_peft)
-    names = _resolve_targets(model, moments, metric, targets)
-    ranks = _layer_ranks(r, names)
+    names = resolve_targets(model, moments, metric, targets)
+    ranks = layer_ranks(r, names)
     modules = {n: model.get_submodule(n) for n in names}
     for name, module in modules.items():
         d_out, d_in = in_out_features(module)
@@ -268,7 +270,10 @@ def attach_adapters(
                                  f"and moments has no entry for it; capture it (covsvd.capture_moments(model, "
                                  f"batches, targets=[{name!r}, ...])) or drop the layer from targets")
             moment_parts(C, metric, ranks[name], (d_out, d_in), f"layer {name!r} ({shape_str(module)}): ")
-    _check_tied(model, names)
+    check_tied(model, names)
+    if moments is not None:  # one warning naming every layer whose C is rank deficient (count < d_in)
+        check_sufficient({n: moments[n] for n in names if isinstance(moments.get(n), SecondMoment)}, metric,
+                         stacklevel=3)
 
     identity = attached_identity(model)
     settings = dict(metric=metric, r=dict(ranks) if isinstance(r, Mapping) else r, eps=eps, eps_mode=eps_mode,
@@ -278,7 +283,7 @@ def attach_adapters(
                        for k, v in orient_kwargs.items()})
     report = AttachReport(settings=settings)
     built: dict[str, BoundedGainLinear] = {}
-    for name in tqdm(names, desc=f"orient ({metric}, r={_rank_str(r)})", disable=not progress, leave=False):
+    for name in tqdm(names, desc=f"orient ({metric}, r={rank_str(r)})", disable=not progress, leave=False):
         module = modules[name]
         rank = ranks[name]
         t0 = time.perf_counter()
@@ -291,7 +296,9 @@ def attach_adapters(
             msg = f"orient failed for layer {name!r} ({shape_str(module)}, r={rank}, metric={metric!r}): {e}"
             raise (ValueError(msg) if isinstance(e, ValueError) else RuntimeError(msg)) from e
         info = dict(o.info)
-        config = dict(metric=metric, eps=info["eps"], eps_mode=eps_mode, components=info["components"],
+        # eps: the absolute eps used (the pair reads on its own); eps_arg, eps_mode_arg: what was asked for
+        config = dict(metric=metric, eps=info["eps"], eps_mode="absolute", eps_arg=info["eps_arg"], eps_mode_arg=eps_mode,
+                      components=info["components"],
                       storage=str(storage).removeprefix("torch."), base_digest=sampled_digest(module.weight))
         adapter = BoundedGainLinear(
             o.U.to(W.device), o.S.to(W.device), o.P.to(W.device), o.W_res.to(W.device),

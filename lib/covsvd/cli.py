@@ -135,8 +135,8 @@ def check_memory(model, launch: Launch, targets, kind: str, accumulate: str, lay
 
     import torch
 
-    from covsvd.memory import _bytes as size
     from covsvd.memory import estimate_memory
+    from covsvd.memory import format_bytes as size
 
     est = estimate_memory(model, targets, kind, layerwise, accumulate=accumulate)
     device, cpu, local = launch.device, torch.device("cpu"), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -23,11 +23,11 @@ from torch import nn
 
 from .attach import (
     AttachReport,
-    _layer_ranks,
     adapters,
     attach_adapters,
     attached_identity,
     detach_adapters,
+    layer_ranks,
     set_module,
 )
 from .capture import capture_moments
@@ -122,7 +122,7 @@ def init_adapters(
         raise ValueError(f"metric={metric!r} needs the full (d_in, d_in) moments; kind={kind!r} keeps the diagonal "
                          "only: pass kind='full' (or kind=None)")
     names = find_targets(model, targets)
-    ranks = _layer_ranks(r, names)  # a bad r raises before any data runs
+    ranks = layer_ranks(r, names)  # a bad r raises before any data runs
     if metric == "identity":
         return attach_adapters(model, None, r, "identity", targets=names, progress=progress, **attach_kwargs)
 

@@ -34,7 +34,7 @@ def accumulator_bytes(d_in: int, kind: str = "full") -> int:
     return 8 * ((d_in * d_in if kind == "full" else d_in) + 2 * d_in)
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -92,14 +92,14 @@ class MemoryEstimate:
         lines = [
             f"MemoryEstimate(kind={self.kind}, fp64 sums, {self.accumulate} products; sharing {self.sharing})",
             f"  {len(self.per_target)} targets in {len(self.groups)} accumulators: every one at once "
-            f"{_bytes(self.total_bytes)}",
+            f"{format_bytes(self.total_bytes)}",
         ]
         if self.blocks:
             big = max(self.blocks, key=self.blocks.__getitem__)
-            lines.append(f"  layerwise peak {_bytes(self.layerwise_peak_bytes)} = largest block ({big}) "
-                         f"{_bytes(self.blocks[big])} + outside the {len(self.blocks)} blocks "
-                         f"{_bytes(self.outside_bytes)}")
-        lines.append(f"  this capture ({'layerwise' if self.layerwise else 'all at once'}): {_bytes(self.peak_bytes)}"
+            lines.append(f"  layerwise peak {format_bytes(self.layerwise_peak_bytes)} = largest block ({big}) "
+                         f"{format_bytes(self.blocks[big])} + outside the {len(self.blocks)} blocks "
+                         f"{format_bytes(self.outside_bytes)}")
+        lines.append(f"  this capture ({'layerwise' if self.layerwise else 'all at once'}): {format_bytes(self.peak_bytes)}"
                      f" + per batch a row buffer of tokens x {self.widest} x "
                      f"{gram_dtype(self.accumulate).itemsize} B")
         return "\n".join(lines)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attach import _check_tied, _layer_ranks, _rank_str, _resolve_targets, adapters, shape_str
+from .attach import adapters, check_tied, layer_ranks, rank_str, resolve_targets, shape_str
 from .checks import check_choice, check_rank, check_weight
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
 from .files import atomic_directory
@@ -248,13 +248,13 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
                          "tokenizer or None")
     if isinstance(r, Mapping) and targets is None:
         targets = list(r)
-    names = _resolve_targets(model, moments, metric, targets)
-    ranks = _layer_ranks(r, names)
+    names = resolve_targets(model, moments, metric, targets)
+    ranks = layer_ranks(r, names)
     moment = {n: (moments.get(n) if moments else None) for n in names}
     check_moments_model(model, moments, names)
     for name in names:
         check_target(model, name, ranks[name], moment[name], metric)
-    _check_tied(model, names)
+    check_tied(model, names)
     check_peft_names(model, names)
 
     path = Path(path)
@@ -265,7 +265,7 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
     def write(tmp: Path) -> None:
         state = model.state_dict()  # references; the targets' entries are replaced below, the model is not
         factors, rows = {}, []
-        bar = tqdm(names, desc=f"export peft ({metric}, r={_rank_str(r)})", disable=not progress, leave=False)
+        bar = tqdm(names, desc=f"export peft ({metric}, r={rank_str(r)})", disable=not progress, leave=False)
         for name in bar:
             module, k = modules[name], ranks[name]
             W = weight_matrix(module).detach()  # (d_out, d_in)

@@ -536,3 +536,19 @@ def test_dict_r_errors_name_the_layers_and_leave_the_model_untouched(explicit, e
     with pytest.raises(ValueError, match=match):
         attach_adapters(model, moments, r=ranks, metric="full", targets=names if explicit else None, progress=False)
     assert_untouched(model, snap)
+
+
+def test_attach_warns_once_when_calibration_is_rank_deficient():
+    """count < d_in: C has rank < d_in and eps alone orders the rest; attach says so (full metrics only), once."""
+    import warnings
+
+    model = tiny("llama")
+    few = moments_of(model, token_batches(1, batch=1, length=20))  # 20 tokens < d_in 32 (and 64 for down_proj)
+    with pytest.warns(covsvd.InsufficientCalibrationWarning, match="fewer real tokens than their input width") as rec:
+        attach_adapters(copy.deepcopy(model), few, r=4, metric="full", progress=False)
+    assert len(rec) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", covsvd.InsufficientCalibrationWarning)
+        attach_adapters(copy.deepcopy(model), few, r=4, metric="diag", progress=False)  # no rank to lose
+        enough = moments_of(model, token_batches())  # 288 tokens > 64
+        attach_adapters(copy.deepcopy(model), enough, r=4, metric="full", progress=False)
