@@ -64,3 +64,15 @@ def test_the_gallery_shows_every_figure():
     shown = {Path(unquote(urlparse(ref).path)).stem for ref in image_refs((ROOT / "README.md").read_text("utf-8"))}
     unshown = sorted(p.stem for p in FIGURES.glob("*.png") if p.stem not in shown)
     assert not unshown, f"figures/ has figures the README gallery does not show: {unshown}"
+
+
+def test_the_readme_api_list_is_covsvd_all():
+    """The README's "Public API" table names exactly ``covsvd.__all__``: nothing exported goes undocumented, and
+    nothing documented is missing."""
+    import covsvd
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Public API\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`covsvd\.(\w+)`", section))
+    assert listed == set(covsvd.__all__), (f"in __all__ only: {sorted(set(covsvd.__all__) - listed)}; "
+                                           f"in the README only: {sorted(listed - set(covsvd.__all__))}")

@@ -91,7 +91,7 @@ def passages(
     return [p for p in out if split == "all" or p.split == split]
 
 
-def _special_frame(tokenizer) -> tuple[list[int], list[int]]:
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens the tokenizer puts before and after a single sequence (BERT: [CLS] / [SEP])."""
     body = tokenizer("x", add_special_tokens=False)["input_ids"]
     full = tokenizer("x", add_special_tokens=True)["input_ids"]
@@ -107,7 +107,7 @@ def _windows(tokenizer, text: str, seq_len: int) -> Iterator[list[int]]:
     The text is tokenised once and its ids are cut, so no token is lost or re-split at a window edge;
     each window gets the tokenizer's own special tokens around it.
     """
-    head, tail = _special_frame(tokenizer)
+    head, tail = special_frame(tokenizer)
     body = seq_len - len(head) - len(tail)
     if body < 1:
         raise ValueError(f"seq_len={seq_len} leaves no room beside the tokenizer's special tokens")
@@ -116,7 +116,7 @@ def _windows(tokenizer, text: str, seq_len: int) -> Iterator[list[int]]:
         yield head + ids[start : start + body] + tail
 
 
-def _pad(rows: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+def pad_rows(rows: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
@@ -125,6 +125,21 @@ def _pad(rows: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tenso
         ids[i, sl] = torch.tensor(row)
         mask[i, sl] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def padding(tokenizer, seq_len: int, batch_size: int, padding_side: str | None = None) -> tuple[str, int]:
+    """``(side, pad_id)`` for batching with ``tokenizer``; raises ``ValueError`` for ``seq_len < 2``,
+    ``batch_size < 1`` or a side other than ``"right"`` / ``"left"``. A tokenizer without a pad token (GPT-2
+    style) pads with EOS (or 0): padding is masked out, so any id works."""
+    if seq_len < 2 or batch_size < 1:
+        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 2 and >= 1")
+    side = padding_side or getattr(tokenizer, "padding_side", "right")
+    if side not in ("right", "left"):
+        raise ValueError(f"padding_side={side!r}; expected 'right' or 'left'")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return side, pad_id
 
 
 def calibration_batches(
@@ -153,14 +168,7 @@ def calibration_batches(
 
     Returns a list, so the same batches can be passed over several times.
     """
-    if seq_len < 2 or batch_size < 1:
-        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 2 and >= 1")
-    side = padding_side or getattr(tokenizer, "padding_side", "right")
-    if side not in ("right", "left"):
-        raise ValueError(f"padding_side={side!r}; expected 'right' or 'left'")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:  # GPT-2 style tokenizers: padding is masked out, so any id works; use EOS
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    side, pad_id = padding(tokenizer, seq_len, batch_size, padding_side)
     rows: list[list[int]] = []
     total = 0
     for p in passages(texts, split=split):
@@ -175,7 +183,7 @@ def calibration_batches(
         raise ValueError(f"no calibration text in split={split!r}")
     if sort_by_length:
         rows.sort(key=len, reverse=True)
-    return [_pad(rows[i : i + batch_size], pad_id, side) for i in range(0, len(rows), batch_size)]
+    return [pad_rows(rows[i : i + batch_size], pad_id, side) for i in range(0, len(rows), batch_size)]
 
 
 def count_tokens(batches: Iterable[dict[str, torch.Tensor]]) -> int:

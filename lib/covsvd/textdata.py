@@ -164,17 +164,10 @@ def prompt_batches(
     prompt included (the model attends to it). ``max_tokens`` counts text tokens (labels != -100), the
     ones a ``token_mask="labels"`` capture counts; ``None`` keeps every record.
     """
-    from .corpus import _pad, _special_frame
+    from .corpus import pad_rows, padding, special_frame
 
-    if seq_len < 2 or batch_size < 1:
-        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 2 and >= 1")
-    side = padding_side or getattr(tokenizer, "padding_side", "right")
-    if side not in ("right", "left"):
-        raise ValueError(f"padding_side={side!r}; expected 'right' or 'left'")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    head, _ = _special_frame(tokenizer)
+    side, pad_id = padding(tokenizer, seq_len, batch_size, padding_side)
+    head, _ = special_frame(tokenizer)
     rows: list[tuple[list[int], int]] = []  # (ids, number of leading ids that do not count)
     counted = 0
     for n, (prompt, text) in enumerate(read_records(path, (prompt_field, text_field))):
@@ -195,7 +188,7 @@ def prompt_batches(
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        batch = _pad([ids for ids, _ in chunk], pad_id, side)  # input_ids, attention_mask (B, T)
+        batch = pad_rows([ids for ids, _ in chunk], pad_id, side)  # input_ids, attention_mask (B, T)
         rank = batch["attention_mask"].cumsum(1)  # (B, T): 1-based position among the row's real tokens
         skip = torch.tensor([s for _, s in chunk])[:, None]  # (B, 1)
         keep = batch["attention_mask"].bool() & (rank > skip)  # (B, T): the text's tokens
