@@ -146,11 +146,11 @@ def test_eps_sweep_reference_limits_and_modes():
     assert df["eps_rel"].to_list() == pytest.approx([e / mean_diag for e in grid])
     Cm = C.matrix()
     for row in df.iter_rows(named=True):
-        o = orient(W, C, 4, metric="full", eps=row["eps_arg"])
+        o = orient(W, C, 4, metric="full", eps=row["eps_arg"], eps_mode="absolute")  # eps_sweep's default mode
         B = product(o.U.double(), o.S.double(), o.P.double())
         assert row["error_cal"] == pytest.approx(functional_error(W, B, Cm), rel=1e-6)
         assert row["error_eval"] == pytest.approx(functional_error(W, B, Ce.matrix()), rel=1e-6)
-        assert row["cond"] == pytest.approx(damp(Cm, row["eps_arg"], solver="eigh").cond, rel=1e-6)
+        assert row["cond"] == pytest.approx(damp(Cm, row["eps_arg"], "absolute", solver="eigh").cond, rel=1e-6)
         assert row["cond_info"] <= row["cond"] * (1 + 1e-6)  # Lanczos: a lower bound (to rounding, ~u cond)
         assert row["p_row_norm_max"] == pytest.approx(float(o.P.double().norm(dim=1).max()), rel=1e-6)
         assert row["identity_error"] < 5e-7
@@ -161,7 +161,7 @@ def test_eps_sweep_reference_limits_and_modes():
     assert last["error_eval"] == pytest.approx(last["error_eval_plain"], rel=1e-3)  # eps = 1e6: plain SVD
     # relative mode at eps_rel is the same orientation as absolute mode at eps_rel * mean(diag C)
     rel = eps_sweep(W, C, 4, [1e-3], metric="full", eps_mode="relative")
-    ab = orient(W, C, 4, metric="full", eps=1e-3 * mean_diag)
+    ab = orient(W, C, 4, metric="full", eps=1e-3 * mean_diag, eps_mode="absolute")
     ro = orient(W, C, 4, metric="full", eps=1e-3, eps_mode="relative")
     assert float(principal_angles(ab.P.T, ro.P.T).max()) < 1e-5
     assert rel["eps"][0] == pytest.approx(1e-3 * mean_diag) and rel["eps_rel"][0] == pytest.approx(1e-3)
@@ -171,7 +171,7 @@ def test_eps_sweep_diag_uses_the_diagonal_cond_and_rejects_identity():
     W, C = make_W(6, 9, 5).float(), make_C(30, 9, 5)
     df = eps_sweep(W, C, 3, [1e-6, 1.0], metric="diag")
     c = C.diag()
-    assert df["cond"].to_list() == pytest.approx([damp(c, e).cond for e in (1e-6, 1.0)])
+    assert df["cond"].to_list() == pytest.approx([damp(c, e, "absolute").cond for e in (1e-6, 1.0)])
     assert df["cond_method"].to_list() == ["exact", "exact"]
     assert df["error_eval"].is_nan().all()
     assert (df["p_row_norm_max"] <= df["m_min"] ** -0.5 * (1 + 1e-6)).all()  # rows of Vh diag(c + eps)^-1/2

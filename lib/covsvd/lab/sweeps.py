@@ -161,7 +161,8 @@ def eps_sweep(
     solver: str = "cholesky",
     name: str | None = None,
 ) -> pl.DataFrame:
-    """Orient ``W`` by ``metric`` at rank ``r`` for every eps in ``eps_values`` (``eps_mode``); one row each.
+    """Orient ``W`` by ``metric`` at rank ``r`` for every eps in ``eps_values`` (``eps_mode``, default ``"absolute"``:
+    the grid is in absolute units, unlike covsvd's relative default); one row each.
 
     Every orientation is :func:`covsvd.orient` with its defaults (fp64 decompositions, ``solver``, storage
     = ``W.dtype`` unless ``storage_dtype``). The *reference* is the least-damped orientation of the sweep
