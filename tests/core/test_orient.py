@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 from covsvd import SecondMoment
 from covsvd.damping import COND_STEPS, DEFAULT_EPS, DEFAULT_EPS_MODE, damp, lanczos_max
-from covsvd.lab.whitening import whiten_cholesky
 from covsvd.measures import functional_error, principal_angles
 from covsvd.orient import METRICS, orient
 from covsvd.thinsvd import truncated_svd
@@ -260,10 +259,13 @@ def test_relative_eps_bounds_cond_and_the_rows_of_P(c, eps, metric):
 # ------------------------------------------------------------------------------------------ 5. Cholesky form == full
 @FAST
 @given(c=cases(), eps=st.sampled_from([1e-6, 1e-3, 1e-1]))
-def test_cholesky_teaching_form_and_both_solvers_equal_full(c, eps):
+def test_cholesky_form_and_both_solvers_equal_full(c, eps):
     W, X, m = setup(c)
     r, M = c["r"], damped_M(m.matrix(), eps)
-    U, S, P = whiten_cholesky(W, M, r)
+    L = torch.linalg.cholesky(M)  # the Cholesky form written out: svd(W L), P = Vh_r L^{-1}
+    U_all, S_all, Vh_all = torch.linalg.svd(W @ L, full_matrices=False)
+    U, S = U_all[:, :r], S_all[:r]
+    P = torch.linalg.solve_triangular(L, Vh_all[:r], upper=False, left=False)
     for solver in ("cholesky", "eigh"):
         o = orient(W, m, r, metric="full", eps=eps, eps_mode=ABS, solver=solver)
         torch.testing.assert_close(o.S, S, rtol=1e-9, atol=1e-14)

@@ -95,3 +95,15 @@ def test_literal_whitening_matches_orient_when_well_posed_and_breaks_when_not():
     assert float(lam0.min()) == 0.0 and not bool(torch.isfinite(P0).all())
     _, S1, P1, lam1 = literal_eigh_whitening(W, C, 2, eps=0.0, clamp=False, dtype=F64)
     assert float(lam1.min()) < 0 and bool(torch.isnan(S1).all()) and bool(torch.isnan(P1).all())
+
+
+def test_whitening_teaching_form_equals_orient_full():
+    """covsvd.lab.whitening (notebook 01's written-out Cholesky whitening) is orient's ``full`` metric."""
+    from covsvd.lab.whitening import whiten_cholesky
+
+    W, m = _case(3, 6, 8, n=80)
+    M = m.matrix() + 1e-3 * torch.eye(8, dtype=F64)
+    U, S, P = whiten_cholesky(W, M, 3)
+    o = orient(W, m, 3, metric="full", eps=1e-3, eps_mode="absolute", storage_dtype=F64)
+    torch.testing.assert_close(S, o.S, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close((U * S) @ P, (o.U * o.S) @ o.P, rtol=1e-9, atol=1e-12)
