@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_choice
+from .checks import check_choice, check_rank, check_weight
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
 from .digest import sampled_digest
 from .layer import BoundedGainLinear, rotate_arm
@@ -179,6 +179,28 @@ def resolve_targets(model, moments, metric, targets) -> list[str]:
     return find_targets(model, None)
 
 
+def check_target(model: nn.Module, name: str, r: int, C, metric: str) -> None:
+    """Everything one target needs before it is oriented: ``r`` fits its shape, its weight is materialised,
+    floating and finite, it is not an ``nn.MultiheadAttention.out_proj`` (MHA reads that weight directly: a
+    replaced or LoRA-wrapped out_proj would never run), and ``C`` fits ``metric`` (:func:`covsvd.validate.
+    moment_parts`; ``None`` only for ``identity``). Raises ``ValueError`` naming the layer, its shape and the fix;
+    changes nothing. Shared by :func:`attach_adapters` and :func:`covsvd.export_peft`."""
+    module = model.get_submodule(name)
+    prefix = f"layer {name!r} ({shape_str(module)}): "
+    d_out, d_in = in_out_features(module)
+    check_rank(r, d_out, d_in, prefix)
+    check_weight(weight_matrix(module), prefix)  # quantised (not floating) / meta / non-finite
+    if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.MultiheadAttention):
+        raise ValueError(f"{prefix}is the out_proj of an nn.MultiheadAttention, which reads out_proj.weight "
+                         "directly: an adapter there would never run; leave it out of targets")
+    if C is None and metric != "identity":
+        raise ValueError(f"{prefix}metric={metric!r} needs a second moment and moments has no entry for it; "
+                         f"capture it (covsvd.capture_moments(model, batches, targets=[{name!r}, ...])) or leave "
+                         "the layer out of targets")
+    if C is not None:
+        moment_parts(C, metric, r, (d_out, d_in), prefix)
+
+
 def check_tied(model: nn.Module, names: list[str]) -> None:
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -254,22 +276,9 @@ def attach_adapters(
     names = resolve_targets(model, moments, metric, targets)
     ranks = layer_ranks(r, names)
     modules = {n: model.get_submodule(n) for n in names}
-    for name, module in modules.items():
-        d_out, d_in = in_out_features(module)
-        W = weight_matrix(module)
-        if ranks[name] > min(d_out, d_in):
-            raise ValueError(f"layer {name!r} ({shape_str(module)}): r={ranks[name]} exceeds min(d_out, d_in)="
-                             f"{min(d_out, d_in)}; lower r or leave the layer out of targets")
-        if W.is_meta or not W.is_floating_point():
-            raise ValueError(f"layer {name!r} ({shape_str(module)}): weight is {W.dtype} on {W.device}; "
-                             "adapters need a materialised floating weight (quantised / meta layers unsupported)")
-        if metric != "identity":
-            C = None if moments is None else moments.get(name)
-            if C is None:
-                raise ValueError(f"layer {name!r} ({shape_str(module)}): metric={metric!r} needs a second moment "
-                                 f"and moments has no entry for it; capture it (covsvd.capture_moments(model, "
-                                 f"batches, targets=[{name!r}, ...])) or drop the layer from targets")
-            moment_parts(C, metric, ranks[name], (d_out, d_in), f"layer {name!r} ({shape_str(module)}): ")
+    for name in names:
+        C = None if metric == "identity" or moments is None else moments.get(name)  # identity orients without C
+        check_target(model, name, ranks[name], C, metric)
     check_tied(model, names)
     if moments is not None:  # one warning naming every layer whose C is rank deficient (count < d_in)
         check_sufficient({n: moments[n] for n in names if isinstance(moments.get(n), SecondMoment)}, metric,

@@ -30,9 +30,13 @@ def check_finite(t: torch.Tensor, what: str, prefix: str = "") -> None:
 
 def check_rank(r, d_out: int, d_in: int, prefix: str = "") -> None:
     """Raise ``ValueError`` unless ``r`` is an int in ``[1, min(d_out, d_in)]``."""
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(d_out, d_in):
-        raise ValueError(f"{prefix}r={r!r} must be an int in [1, min(d_out, d_in)] = [1, {min(d_out, d_in)}] "
-                         f"for W of shape {(d_out, d_in)}")
+    m = min(d_out, d_in)
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= m:
+        bound = f"r={r!r} must be an int in [1, min(d_out, d_in)] = [1, {m}] for W of shape {(d_out, d_in)}"
+        if isinstance(r, int) and not isinstance(r, bool) and r > m:
+            raise ValueError(f"{prefix}r={r} exceeds min(d_out, d_in) ({bound}); lower r or leave the layer out "
+                             "of targets")
+        raise ValueError(f"{prefix}{bound}")
 
 
 def check_weight(W, prefix: str = "") -> tuple[int, int]:

@@ -37,16 +37,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attach import adapters, check_tied, layer_ranks, rank_str, resolve_targets, shape_str
-from .checks import check_choice, check_rank, check_weight
+from .attach import adapters, check_target, check_tied, layer_ranks, rank_str, resolve_targets
+from .checks import check_choice
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
 from .files import atomic_directory
 from .measures import identity_error
 from .models import model_identity
 from .moments import SecondMoment
 from .orient import orient
-from .targets import Conv1D, in_out_features, weight_matrix
-from .validate import METRICS, moment_parts
+from .targets import Conv1D, weight_matrix
+from .validate import METRICS
 from .version import __version__
 
 __all__ = ["export_peft"]
@@ -149,25 +149,6 @@ def check_moments_model(model: nn.Module, moments, names: list[str]) -> None:
                 f"{there.get('name_or_path')!r}, fingerprint {there.get('fingerprint')}); this one is "
                 f"{here['model_type']} {here['name_or_path']!r} (fingerprint {here['fingerprint']}): capture the "
                 "moments on this model (covsvd.capture_moments(model, batches))")
-
-
-def check_target(model: nn.Module, name: str, r: int, C, metric: str) -> None:
-    """Everything :func:`export_peft` needs of one target, before anything is computed or written."""
-    module = model.get_submodule(name)
-    prefix = f"layer {name!r} ({shape_str(module)}): "
-    d_out, d_in = in_out_features(module)
-    check_rank(r, d_out, d_in, prefix)
-    check_weight(weight_matrix(module), prefix)  # quantised (not floating) / meta / non-finite
-    parent = model.get_submodule(name.rpartition(".")[0])
-    if isinstance(parent, nn.MultiheadAttention):
-        raise ValueError(f"{prefix}is the out_proj of an nn.MultiheadAttention, which reads out_proj.weight "
-                         "directly: a peft LoRA there would never run; leave it out of targets")
-    if C is None and metric != "identity":
-        raise ValueError(f"{prefix}metric={metric!r} needs a second moment and moments has no entry for it; "
-                         f"capture it (covsvd.capture_moments(model, batches, targets=[{name!r}, ...])) or leave "
-                         "the layer out of targets")
-    if C is not None:
-        moment_parts(C, metric, r, (d_out, d_in), prefix)
 
 
 # --------------------------------------------------------------------------------------- export
