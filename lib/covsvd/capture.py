@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -110,6 +111,18 @@ def _length(batches) -> int | None:
         return None
 
 
+@contextmanager
+def eval_mode(model: nn.Module):
+    """``model.eval()`` within the block; every module's own train/eval flag restored on exit (also on error)."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
 class MomentCapture:
     """Streaming capture, one batch at a time: a context manager around hooks on the target modules.
 
@@ -158,28 +171,19 @@ class MomentCapture:
         self.batches = 0
         self.tokens = 0  # counted tokens (real and selected) fed so far; unknown without any mask
         self._hooks: InputHooks | None = None
-        self._training: dict[nn.Module, bool] = {}
+        self._stack = ExitStack()
         self._done = False
 
     def __enter__(self) -> MomentCapture:
-        self._training = {m: m.training for m in self.model.modules()}
-        try:
-            self.model.eval()
-            self._hooks = InputHooks(self.model, self.names, self._on_input)
-        except BaseException:
-            self._restore()
-            raise
+        with ExitStack() as stack:  # on an error here, whatever was entered is undone
+            stack.enter_context(eval_mode(self.model))
+            self._hooks = stack.enter_context(InputHooks(self.model, self.names, self._on_input))
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._restore()
-
-    def _restore(self) -> None:
-        if self._hooks is not None:
-            self._hooks.remove()
-            self._hooks = None
-        for m, flag in self._training.items():
-            m.training = flag
+        self._hooks = None
+        self._stack.close()  # hooks removed, then every module's train/eval flag restored
 
     def _on_input(self, name: str, x: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in[name]:

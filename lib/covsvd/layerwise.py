@@ -32,13 +32,13 @@ last one (weight-shared layers) is seen only by a tail pass: use ``layerwise=Fal
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from functools import partial
 
 import torch
 from torch import nn
 
-from .capture import MomentCapture, module_device, prepare
+from .capture import MomentCapture, eval_mode, module_device, prepare
 from .moments import SecondMoment
 from .rows import TokenMaskSpec
 from .targets import TargetSpec, find_targets, is_linear
@@ -200,17 +200,6 @@ def _tail(model: nn.Module, blocks, cached, args: tuple, kwargs: dict) -> None:
         stage.check()
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
 def iter_block_moments(
     model: nn.Module,
     batches: Iterable,
@@ -275,7 +264,7 @@ def iter_block_moments(
     from tqdm.auto import tqdm
 
     after: list[str] = []
-    with _eval_mode(model):
+    with eval_mode(model):
         bar = tqdm(total=len(found), desc="layerwise capture", unit="block", disable=not progress)
         try:
             for i, (bname, block) in enumerate(found):
