@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    from covsvd.files import atomic_write
+    from covsvd.util.files import atomic_write
 
     t0 = time.monotonic()
     times: dict[str, float] = {}

@@ -38,8 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import covsvd  # noqa: E402
-from covsvd.capture import MomentCapture  # noqa: E402
-from covsvd.moments import add_gram_upper_  # noqa: E402
+from covsvd.capture.hooked import MomentCapture  # noqa: E402
+from covsvd.capture.moments import add_gram_upper_  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -7,7 +7,7 @@
      layerwise  ``capture_moments(..., layerwise=True)``: one block's accumulators on the device while it runs,
                 each finished block's moments offloaded to the host (on a CPU the host is the device, so they
                 still add up there; on a GPU the device holds one block);
-     streaming  ``covsvd.layerwise.iter_block_moments``, each block's moments dropped before the next block
+     streaming  ``covsvd.capture.layerwise.iter_block_moments``, each block's moments dropped before the next block
                 (what ``init_adapters(layerwise=True)`` holds).
    Peak: ``VmHWM`` on CPU, ``torch.cuda.max_memory_allocated`` on CUDA, against the reference "model + one
    block's accumulators + cached activations" (target: streaming within +20%); ``covsvd.estimate_memory``
@@ -45,8 +45,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import covsvd  # noqa: E402
-from covsvd.layerwise import iter_block_moments  # noqa: E402
-from covsvd.memory import accumulator_bytes, estimate_memory  # noqa: E402
+from covsvd.capture.layerwise import iter_block_moments  # noqa: E402
+from covsvd.capture.memory import accumulator_bytes, estimate_memory  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PUBLISHED = Path("data/published/gsm8k_arms.csv")  # the published init times (column init_s)
@@ -336,7 +336,7 @@ def init_bench(args) -> dict:
         del moments, report
         gc.collect()
     if args.streaming:
-        from covsvd.init import init_adapters
+        from covsvd.adapt.init import init_adapters
 
         phase("streaming init_adapters full (layerwise)", lambda: init_adapters(
             model, batches, args.r, "full", layerwise=True, progress=False))

@@ -34,10 +34,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import covsvd  # noqa: E402
-from covsvd.damping import DEFAULT_EPS, DEFAULT_EPS_MODE  # noqa: E402
-from covsvd.measures import functional_error  # noqa: E402
-from covsvd.moments import MomentAccumulator, SecondMoment  # noqa: E402
-from covsvd.orient import orient as _orient  # noqa: E402
+from covsvd.algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE  # noqa: E402
+from covsvd.algebra.measures import functional_error  # noqa: E402
+from covsvd.algebra.orient import orient as _orient  # noqa: E402
+from covsvd.capture.moments import MomentAccumulator, SecondMoment  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
 RESULTS = Path(__file__).parent / "results" / "orient.md"
@@ -300,7 +300,7 @@ def section_c(d_ins, reps, eps, lines):
 
 
 def section_d(max_tokens, lines):
-    from covsvd.targets import find_targets
+    from covsvd.data.targets import find_targets
 
     model, tok = covsvd.load_default_model()
     batches = covsvd.calibration_batches(tok, max_tokens=max_tokens)

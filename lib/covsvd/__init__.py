@@ -16,7 +16,7 @@ only; the research lab (``covsvd.lab``: ablations, sweeps, plotting, the noteboo
 The algebra is docs/algebra.md.
 """
 
-from .allocate import (
+from .adapt.allocate import (
     allocate_ranks,
     allocation_cost,
     allocation_error,
@@ -24,7 +24,7 @@ from .allocate import (
     optimal_ranks,
     rank_costs,
 )
-from .attach import (
+from .adapt.attach import (
     AttachReport,
     adapter_parameters,
     adapters,
@@ -33,31 +33,31 @@ from .attach import (
     disable_adapters,
     trainable_parameters,
 )
-from .cache import cache_path, cached_capture
-from .capture import MomentCapture, capture_moments
-from .corpus import calibration_batches, count_tokens, passages
-from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp
-from .init import init_adapters
-from .io import load_moments, save_moments
-from .layer import BoundedGainLinear
-from .layerwise import find_blocks, iter_block_moments
-from .lora_delta import export_lora_delta
-from .measures import functional_error, identity_error, principal_angles, quad
-from .memory import MemoryEstimate, estimate_memory
-from .models import default_model_path, load_default_model, load_model, model_identity
-from .moments import SecondMoment
-from .orient import METRICS, Oriented, orient
-from .peft_export import export_peft
-from .serialize import load_adapters, save_adapters
-from .sufficiency import (
+from .adapt.files import load_adapters, save_adapters
+from .adapt.init import init_adapters
+from .adapt.layer import BoundedGainLinear
+from .adapt.sufficiency import (
     InsufficientCalibrationWarning,
     basis_angles,
     check_sufficient,
     layer_angles,
     split_half,
 )
-from .targets import find_targets, weight_matrix
-from .textdata import prompt_batches, read_texts, text_batches
+from .algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp
+from .algebra.measures import functional_error, identity_error, principal_angles, quad
+from .algebra.orient import METRICS, Oriented, orient
+from .capture.cache import cache_path, cached_capture
+from .capture.files import load_moments, save_moments
+from .capture.hooked import MomentCapture, capture_moments
+from .capture.layerwise import find_blocks, iter_block_moments
+from .capture.memory import MemoryEstimate, estimate_memory
+from .capture.moments import SecondMoment
+from .data.corpus import calibration_batches, count_tokens, passages
+from .data.models import default_model_path, load_default_model, load_model, model_identity
+from .data.targets import find_targets, weight_matrix
+from .data.textfiles import prompt_batches, read_texts, text_batches
+from .export.lora_delta import export_lora_delta
+from .export.peft import export_peft
 from .version import __version__
 
 __all__ = [

@@ -24,9 +24,9 @@ from covsvd import (
     save_adapters,
     trainable_parameters,
 )
-from covsvd.moments import SecondMoment
-from covsvd.rotation import block_diag_matrix, n_rotation_params
-from covsvd.targets import Conv1D, weight_matrix
+from covsvd.algebra.rotation import block_diag_matrix, n_rotation_params
+from covsvd.capture.moments import SecondMoment
+from covsvd.data.targets import Conv1D, weight_matrix
 
 METRICS = ("identity", "diag", "asvd", "full", "corda")
 ARMS = (None, "V", "U", "both")
@@ -62,7 +62,7 @@ def token_batches(n_batches=3, batch=4, length=24, vocab=97, seed=0):
 
 
 def moments_of(model, batches, names=None) -> dict[str, SecondMoment]:
-    """Reference moments by brute force (every real input row, fp64), independent of covsvd.capture."""
+    """Reference moments by brute force (every real input row, fp64), independent of covsvd.capture.hooked."""
     from conftest import brute_force
 
     names = names or covsvd.find_targets(model)
@@ -351,7 +351,7 @@ def _tied_gpt2():
 def _fails_in_orient(monkeypatch):
     import sys
 
-    orient_module = sys.modules["covsvd.attach"]  # attach calls orient through its own module namespace
+    orient_module = sys.modules["covsvd.adapt.attach"]  # attach calls orient through its own module namespace
     real, calls = orient_module.orient, []
 
     def flaky(*args, **kwargs):

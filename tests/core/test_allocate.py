@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import covsvd
-from covsvd.allocate import (
+from covsvd.adapt.allocate import (
     allocate_ranks,
     allocation_cost,
     allocation_error,

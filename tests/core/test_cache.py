@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import covsvd
-from covsvd.cache import cache_path
+from covsvd.capture.cache import cache_path
 
 
 def test_hit_equals_fresh_capture(bert_tiny, make_batches, tmp_path):

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import covsvd
-from covsvd.hooks import InputHooks
-from covsvd.rows import RowBuffers, TokenRows, contiguous_runs
+from covsvd.capture.hooks import InputHooks
+from covsvd.capture.rows import RowBuffers, TokenRows, contiguous_runs
 
 TOL = 1e-10  # relative, fp64 accumulation vs fp64 brute force (the bound)
 
@@ -345,7 +345,7 @@ def test_moments_are_tagged_with_the_model_identity(bert_tiny, make_batches):
 
 
 def test_moment_capture_streams_from_a_user_loop(bert_tiny, make_batches):
-    from covsvd.capture import MomentCapture
+    from covsvd.capture.hooked import MomentCapture
 
     batches = make_batches([[7, 2, 10], [4, 4]])
     whole = covsvd.capture_moments(bert_tiny, batches, progress=False)
@@ -364,7 +364,7 @@ def test_moment_capture_streams_from_a_user_loop(bert_tiny, make_batches):
 
 
 def test_run_feeds_any_call_and_moments_can_keep_a_subset(bert_tiny, make_batches):
-    from covsvd.capture import MomentCapture
+    from covsvd.capture.hooked import MomentCapture
 
     batch = make_batches([[6, 4]], seed=2)[0]
     whole = covsvd.capture_moments(bert_tiny, [batch], progress=False)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import covsvd
-from covsvd import cli
-from covsvd.textdata import prompt_batches, text_batches
+from covsvd.cli import main as cli
+from covsvd.data.textfiles import prompt_batches, text_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +27,7 @@ def missing(module: str) -> bool:
     return importlib.util.find_spec(module) is None
 
 
-needs_init = pytest.mark.skipif(missing("covsvd.init"), reason="covsvd.init.init_adapters is not written yet")
+needs_init = pytest.mark.skipif(missing("covsvd.adapt.init"), reason="covsvd.adapt.init.init_adapters is not written yet")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -233,7 +233,7 @@ def test_init_streaming_equals_capture_then_attach(tmp_path, llama_dir, data):
 
 
 def test_launch_reads_torchrun_and_shards_every_nth_batch(monkeypatch):
-    from covsvd.launch import Launch
+    from covsvd.cli.launch import Launch
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "1")

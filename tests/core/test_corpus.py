@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import covsvd
-from covsvd.corpus import passages
+from covsvd.data.corpus import passages
 
 
 def test_splits_are_deterministic_disjoint_and_cover_everything():

@@ -24,7 +24,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from conftest import padded_batches, tiny_bert
 
-    from covsvd.distributed import all_reduce_moments
+    from covsvd.capture.distributed import all_reduce_moments
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -1,4 +1,4 @@
-"""Layerwise capture (covsvd.layerwise): equal to the default capture on encoder and decoder models, one block's
+"""Layerwise capture (covsvd.capture.layerwise): equal to the default capture on encoder and decoder models, one block's
 accumulators at a time, targets outside the blocks, and clear errors when the blocks cannot be used."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import covsvd
-from covsvd.layerwise import AFTER, BEFORE, find_blocks, iter_block_moments
+from covsvd.capture.layerwise import AFTER, BEFORE, find_blocks, iter_block_moments
 
 TOL = 1e-12  # relative, fp64: the same products in the same order, so in practice 0
 
@@ -244,7 +244,7 @@ def outputs(model, batch) -> torch.Tensor:
 def test_init_adapters_equals_capture_then_attach(bert_tiny, make_batches, arch):
     import copy
 
-    from covsvd.init import init_adapters
+    from covsvd.adapt.init import init_adapters
 
     base = tiny_decoder("llama", layers=2) if arch == "llama" else copy.deepcopy(bert_tiny)
     batches = make_batches([[9, 3, 12], [5, 16]], side="left", seed=8)
@@ -267,7 +267,7 @@ def test_init_adapters_equals_capture_then_attach(bert_tiny, make_batches, arch)
 def test_init_adapters_resumes_from_moments_dir_and_undoes_a_failed_run(make_batches, tmp_path, monkeypatch):
     import copy
 
-    import covsvd.init as init_module
+    import covsvd.adapt.init as init_module
 
     base = tiny_decoder("llama", layers=3)
     batches = make_batches([[9, 3, 12], [5, 16]], seed=9)
@@ -313,7 +313,7 @@ def test_init_adapters_resumes_from_moments_dir_and_undoes_a_failed_run(make_bat
 
 
 def test_init_adapters_ranks_kinds_and_early_errors(make_batches):
-    from covsvd.init import init_adapters
+    from covsvd.adapt.init import init_adapters
 
     model = tiny_decoder("llama", layers=1)
     batches = make_batches([[9, 12]], seed=11)

@@ -11,8 +11,8 @@ from test_layerwise import assert_same, rel, tiny_decoder
 from torch import nn
 
 import covsvd
-from covsvd.capture import MomentCapture
-from covsvd.targets import embedding_modules
+from covsvd.capture.hooked import MomentCapture
+from covsvd.data.targets import embedding_modules
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_any_mask_counts_exactly_its_real_selected_tokens(bert_tiny, make_batche
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("accumulate", ["float64", "float32"])
 def test_half_precision_models_are_captured_from_upcast_rows(make_batches, monkeypatch, dtype, accumulate):
-    import covsvd.moments as moments_module
+    import covsvd.capture.moments as moments_module
 
     model = tiny_decoder("llama", layers=1).to(dtype)
     batches = make_batches([[9, 3, 12]], side="left", seed=6)

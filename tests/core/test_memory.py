@@ -10,9 +10,9 @@ from test_layerwise import Toy, tiny_decoder
 from torch import nn
 
 import covsvd
-from covsvd.capture import MomentCapture
-from covsvd.layerwise import AFTER, BEFORE, iter_block_moments
-from covsvd.memory import accumulator_bytes, estimate_memory
+from covsvd.capture.hooked import MomentCapture
+from covsvd.capture.layerwise import AFTER, BEFORE, iter_block_moments
+from covsvd.capture.memory import accumulator_bytes, estimate_memory
 
 
 def held(moments) -> int:

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from covsvd.gram import add_column_sums_, add_gram_upper_, block_edges, mirror_lower_
-from covsvd.moments import MomentAccumulator, SecondMoment, require_tokens
+from covsvd.capture.gram import add_column_sums_, add_gram_upper_, block_edges, mirror_lower_
+from covsvd.capture.moments import MomentAccumulator, SecondMoment, require_tokens
 
 FAST = settings(max_examples=25, deadline=None)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import covsvd
-from covsvd.io import read_metadata
+from covsvd.capture.files import read_metadata
 
 
 @pytest.fixture(scope="module")

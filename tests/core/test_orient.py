@@ -14,14 +14,14 @@ import pytest
 import torch
 from conftest import make_W
 from conftest import random_orthogonal as _orth
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from covsvd import SecondMoment
-from covsvd.damping import COND_STEPS, DEFAULT_EPS, DEFAULT_EPS_MODE, damp, lanczos_max
-from covsvd.measures import functional_error, principal_angles
-from covsvd.orient import METRICS, orient
-from covsvd.thinsvd import truncated_svd
+from covsvd.algebra.damping import COND_STEPS, DEFAULT_EPS, DEFAULT_EPS_MODE, damp, lanczos_max
+from covsvd.algebra.measures import functional_error, principal_angles
+from covsvd.algebra.orient import METRICS, orient
+from covsvd.algebra.svd import truncated_svd
 
 FAST = settings(max_examples=30, deadline=None)
 F64 = torch.float64
@@ -143,6 +143,8 @@ def test_functional_error_is_the_expected_output_error_on_the_samples():
 # ------------------------------------------------------------------------------------------ 3. diag == full on diagonal C
 @FAST
 @given(c=cases(), eps=st.sampled_from([1e-6, 1e-2]), comp=st.sampled_from(["top", "bottom"]))
+@example(c=dict(d_out=2, d_in=7, r=1, n=7, seed=52552, cond_exp=3.0), eps=1e-2, comp="top")
+@example(c=dict(d_out=2, d_in=7, r=1, n=7, seed=400, cond_exp=3.0), eps=1e-2, comp="top")
 def test_diag_equals_full_on_a_diagonal_C(c, eps, comp):
     W = make_W(c["d_out"], c["d_in"], c["seed"])
     g = torch.Generator().manual_seed(c["seed"])
@@ -152,7 +154,9 @@ def test_diag_equals_full_on_a_diagonal_C(c, eps, comp):
     diag_of_full = orient(W, torch.diag(cvec), c["r"], metric="diag", eps=eps, components=comp)
     torch.testing.assert_close(diag.S, full.S, rtol=1e-9, atol=1e-12)
     assert rel(product(diag), product(full)) <= 1e-8 or float(product(full).norm()) < 1e-12
-    torch.testing.assert_close(diag_of_full.P, diag.P, rtol=0, atol=0)  # the same computation
+    # the same computation, but the relative eps reads mean(diag C) from a strided view of the matrix and from
+    # the vector: the sums may round differently (4.4e-16 seen), so equal to fp64 rounding, not bit for bit
+    torch.testing.assert_close(diag_of_full.P, diag.P, rtol=1e-13, atol=1e-13 * float(diag.P.abs().max()))
 
 
 def test_column_broadcast_equals_the_matmul_with_diag_sqrt_c():

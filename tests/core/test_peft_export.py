@@ -26,12 +26,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 import covsvd
-from covsvd.attach import attach_adapters, detach_adapters
-from covsvd.digest import state_digest
-from covsvd.lora_delta import export_lora_delta
-from covsvd.measures import max_relative_error
-from covsvd.peft_export import check_peft_names, export_peft
-from covsvd.targets import Conv1D, weight_matrix
+from covsvd.adapt.attach import attach_adapters, detach_adapters
+from covsvd.algebra.measures import max_relative_error
+from covsvd.data.targets import Conv1D, weight_matrix
+from covsvd.export.lora_delta import export_lora_delta
+from covsvd.export.peft import check_peft_names, export_peft
+from covsvd.util.digest import state_digest
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

@@ -1,6 +1,6 @@
 """The randomized SVD route (issue 12, item 7) and the device / TF32 rules of orient (item 6).
 
-``covsvd.thinsvd.randomized_svd`` against the exact SVD: determinism for a seed, orthonormal factors,
+``covsvd.algebra.svd.randomized_svd`` against the exact SVD: determinism for a seed, orthonormal factors,
 ``U^T A = S Vh``, exactness when the sketch spans the range, and the truncation error against the optimal tail
 (the Halko-Martinsson-Tropp expectation bound without power iterations, near-optimal with two). Then
 ``orient(svd="randomized")``: the exact residual identity, honest diagnostics, option validation, and the
@@ -18,11 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from covsvd import SecondMoment
-from covsvd import checks as checks_mod
-from covsvd.checks import check_no_tf32
-from covsvd.measures import functional_error, identity_error
-from covsvd.orient import orient
-from covsvd.thinsvd import randomized_svd, truncated_svd
+from covsvd.algebra.measures import functional_error, identity_error
+from covsvd.algebra.orient import orient
+from covsvd.algebra.svd import randomized_svd, truncated_svd
+from covsvd.util import checks as checks_mod
+from covsvd.util.checks import check_no_tf32
 
 F64 = torch.float64
 FAST = settings(max_examples=25, deadline=None)

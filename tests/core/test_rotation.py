@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from covsvd.rotation import (
-    BlockCayley,
+from covsvd.adapt.rotation import BlockCayley
+from covsvd.algebra.rotation import (
     a_limit,
     apply_blocks,
     block_angle_bound,

@@ -19,14 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from covsvd import SecondMoment, capture_moments, weight_matrix
-from covsvd.orient import METRICS
-from covsvd.sufficiency import (
+from covsvd.adapt.sufficiency import (
     InsufficientCalibrationWarning,
     basis_angles,
     check_sufficient,
     layer_angles,
     split_half,
 )
+from covsvd.algebra.orient import METRICS
 
 F64 = torch.float64
 FAST = settings(max_examples=25, deadline=None)

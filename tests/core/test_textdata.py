@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import covsvd
-from covsvd.textdata import IGNORE_INDEX, prompt_batches, read_texts, text_batches
+from covsvd.data.textfiles import IGNORE_INDEX, prompt_batches, read_texts, text_batches
 
 TEXTS = ["The first document.\n\nIts second paragraph.", "A second document, short.", "Third: tokens and more."]
 

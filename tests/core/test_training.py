@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 import covsvd
-from covsvd.attach import adapters, attach_adapters, detach_adapters, disable_adapters
-from covsvd.lora_delta import export_lora_delta
-from covsvd.measures import max_relative_error
-from covsvd.peft_export import export_peft
+from covsvd.adapt.attach import adapters, attach_adapters, detach_adapters, disable_adapters
+from covsvd.algebra.measures import max_relative_error
+from covsvd.export.lora_delta import export_lora_delta
+from covsvd.export.peft import export_peft
 
 peft = pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from covsvd import SecondMoment, capture_moments, find_targets, orient, weight_matrix
+from covsvd.algebra.measures import functional_error
+from covsvd.algebra.orient import METRICS
 from covsvd.lab import compress as cz
-from covsvd.measures import functional_error
-from covsvd.orient import METRICS
 
 FAST = settings(max_examples=25, deadline=None)
 F64 = torch.float64

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import covsvd
-from covsvd.cli import build_parser, main
+from covsvd.cli.main import build_parser, main
 
 
 def test_verbs_and_help():

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 import covsvd
 from covsvd import SecondMoment
-from covsvd.damping import damp
+from covsvd.algebra.damping import damp
+from covsvd.algebra.measures import functional_error, principal_angles
+from covsvd.algebra.orient import orient
 from covsvd.lab.sweeps import damped_cond, eps_sweep, output_energy, truncation_errors
-from covsvd.measures import functional_error, principal_angles
-from covsvd.orient import orient
 
 F64 = torch.float64
 FAST = settings(max_examples=20, deadline=None)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from covsvd.corpus import passages
+from covsvd.data.corpus import passages
 from covsvd.lab.task import (
     RetrievalTask,
     TaskConfig,

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from covsvd import SecondMoment, identity_error
-from covsvd.damping import damp
+from covsvd.algebra.damping import damp
+from covsvd.algebra.measures import functional_error
+from covsvd.algebra.orient import orient
 from covsvd.lab.teaching import literal_eigh_whitening, store_factors, truncation_curve
-from covsvd.measures import functional_error
-from covsvd.orient import orient
 
 F64 = torch.float64
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import model_key
+from ..capture.cache import model_key
 from .arms import (
     ARMS,
     DEFAULT_SEEDS,
@@ -224,7 +224,7 @@ def _ablate(arms, seeds, out, config, cache_dir, model_path, progress, hook, log
 
     import covsvd
 
-    from ..models import model_identity
+    from ..data.models import model_identity
 
     say = log or (lambda s: None)
     config = config or AblationConfig()

@@ -1,4 +1,4 @@
-"""The lab's verbs of ``python -m covsvd`` (registered through the ``covsvd.cli`` entry-point group, so the
+"""The lab's verbs of ``python -m covsvd`` (registered through the ``covsvd.cli.main`` entry-point group, so the
 core CLI never imports the lab):
 
     figures   execute the notebooks headless and rewrite figures/ (``make figures``)

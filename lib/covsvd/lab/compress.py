@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..damping import DEFAULT_EPS, DEFAULT_EPS_MODE
-from ..orient import Oriented, orient
-from ..targets import find_targets, weight_matrix
+from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE
+from ..algebra.orient import Oriented, orient
+from ..data.targets import find_targets, weight_matrix
 from .task import mean_pool
 
 COUNTS = ("params", "rank")

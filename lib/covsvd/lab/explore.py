@@ -32,12 +32,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..damping import DEFAULT_EPS, DEFAULT_EPS_MODE
-from ..measures import metric_mul, principal_angles, quad
-from ..moments import SecondMoment
-from ..orient import METRICS, orient
-from ..targets import weight_matrix
-from ..validate import FULL_METRICS
+from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE
+from ..algebra.measures import metric_mul, principal_angles, quad
+from ..algebra.orient import METRICS, orient
+from ..algebra.validate import FULL_METRICS
+from ..capture.moments import SecondMoment
+from ..data.targets import weight_matrix
 
 F64 = torch.float64
 #: eps slider range, as powers of ten.
@@ -65,7 +65,7 @@ def error_curve(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tens
     (it does not depend on the orientation; used when ``d_out <= d_in``).
 
     Every metric's truncation is the orthogonal projection ``U_r S_r P_r = U_r U_r^T W`` (module doc of
-    :mod:`covsvd.orient`), so with ``G = W C W^T`` the error energy is ``tr(G) - sum_{j<=r} u_j^T G u_j`` and one
+    :mod:`covsvd.algebra.orient`), so with ``G = W C W^T`` the error energy is ``tr(G) - sum_{j<=r} u_j^T G u_j`` and one
     pass gives every r. The per-direction energies ``q_j = u_j^T G u_j`` are formed on the smaller side:
     ``u_j^T G u_j`` for ``d_out <= d_in``, else ``S_j^2 p_j^T C p_j`` (since ``U^T W = diag(S) P``); cost
     ``O(k min(d_out, d_in)^2 + d_out d_in min(d_out, d_in))``, against ``O(d_out d_in k)`` per rank for

@@ -10,7 +10,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..files import atomic_write
+from ..util.files import atomic_write
 
 # Tidy row schema. TIMING columns differ between two runs of the same key; everything else must not.
 COLUMNS = (

@@ -4,7 +4,7 @@
   *every* prefix ``r = 0..k`` of one orientation, from one pass (no re-orientation per r).
 * :func:`output_energy`: ``tr(W M W^T)``, the denominator of those errors (compute once, share across metrics).
 * :func:`damped_cond`: the exact ``cond_2(M)``, ``M = C + eps I`` (eigenvalues clamped at 0, as in
-  :func:`covsvd.damping.damp`), for many eps from one set of eigenvalues.
+  :func:`covsvd.algebra.damping.damp`), for many eps from one set of eigenvalues.
 * :func:`eps_sweep`: :func:`covsvd.orient` at each eps of a grid, with the measures notebook 04 plots.
 
 Prefix errors. With ``E_r = W - sum_{i<r} s_i u_i p_i`` and any PSD metric M::
@@ -25,10 +25,10 @@ from collections.abc import Sequence
 import polars as pl
 import torch
 
-from ..damping import Damped, resolve_eps
-from ..measures import identity_error, metric_mul, principal_angles, quad
-from ..moments import SecondMoment
-from ..orient import Oriented, orient
+from ..algebra.damping import Damped, resolve_eps
+from ..algebra.measures import identity_error, metric_mul, principal_angles, quad
+from ..algebra.orient import Oriented, orient
+from ..capture.moments import SecondMoment
 
 F64 = torch.float64
 MetricLike = None | torch.Tensor | Damped | SecondMoment
@@ -84,7 +84,7 @@ def truncation_errors(
     """Functional error of every prefix of one orientation: ``err[r] = ||(W - B_r) M^{1/2}||_F / ||W M^{1/2}||_F``
     with ``B_r = U[:, :r] diag(S[:r]) P[:r]``, for ``r = 0..k`` (or only ``ranks``). fp64, ``(len,)``.
 
-    The same quantity as :func:`covsvd.measures.functional_error` (``err[0] = 1``), for all r from one
+    The same quantity as :func:`covsvd.algebra.measures.functional_error` (``err[0] = 1``), for all r from one
     product ``P M`` (module docstring; clamped at 0 below ~1e-7 relative). ``U (d_out, k)``, ``S (k,)``,
     ``P (k, d_in)``: e.g. an :func:`covsvd.orient` result at ``r = min(d_out, d_in)``, whose first r
     triplets are its rank-r result. ``M``: the data moment to measure under (``None`` = I, a ``(d_in,)``
@@ -115,9 +115,9 @@ def truncation_errors(
 def damped_cond(lam: torch.Tensor, eps_values: Sequence[float], eps_mode: str = "absolute") -> list[float]:
     """Exact ``cond_2(M)`` of ``M = C + eps I`` for each eps, from C's eigenvalues ``lam`` ``(d,)`` (or, for
     a diagonal metric, its diagonal ``c``): ``(max(lam, 0).max() + e) / (max(lam, 0).min() + e)``, the
-    clamp-then-damp rule of :func:`covsvd.damping.damp` (``solver="eigh"``). fp64.
+    clamp-then-damp rule of :func:`covsvd.algebra.damping.damp` (``solver="eigh"``). fp64.
 
-    ``e`` is the absolute eps (:func:`covsvd.damping.resolve_eps`; relative: ``eps * mean(diag C)``, and
+    ``e`` is the absolute eps (:func:`covsvd.algebra.damping.resolve_eps`; relative: ``eps * mean(diag C)``, and
     ``mean(diag C) = mean(lam)`` because the trace is the sum of the eigenvalues). ``inf`` where M is singular
     (``e = 0`` and C singular). Get ``lam`` once with ``torch.linalg.eigvalsh(C)``: one eigenvalue
     computation serves every eps.

@@ -1,6 +1,6 @@
 """A small, real fine-tuning task for the ablations: topic retrieval with sentence embeddings.
 
-The embedded corpus (``pydoc_data.topics``) is cut into passages by :func:`covsvd.corpus.passages`, each
+The embedded corpus (``pydoc_data.topics``) is cut into passages by :func:`covsvd.data.corpus.passages`, each
 belonging to one *document* (a pydoc topic), with a deterministic train / held-out split by hash. The task:
 
 * **Embedding** of a passage: the encoder's last hidden state, mean-pooled over real tokens (mask == 1),
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..corpus import Passage, passages
+from ..data.corpus import Passage, passages
 
 HOLDOUTS = ("heldout", "validation")
 LOSSES = ("pairs", "prototypes")

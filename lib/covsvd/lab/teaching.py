@@ -4,7 +4,7 @@ Measurements (fp64, exact formulas, cheap enough to sweep):
 
 * :func:`truncation_curve`: the functional error ``||(W - B_k) M^{1/2}||_F / ||W M^{1/2}||_F`` of every rank-k
   prefix ``B_k = U[:, :k] diag(S[:k]) P[:k]`` of one orientation, for many k at the cost of ~one
-  :func:`covsvd.measures.functional_error` call (the same quadratic form, evaluated incrementally).
+  :func:`covsvd.algebra.measures.functional_error` call (the same quadratic form, evaluated incrementally).
 
 Foils (what the library does *not* do, kept here so notebooks can show why, never used by covsvd itself):
 
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..damping import Damped
-from ..measures import metric_mul
+from ..algebra.damping import Damped
+from ..algebra.measures import metric_mul
 
 F64 = torch.float64
 
@@ -79,11 +79,11 @@ def truncation_curve(
     """Functional error of the rank-k prefixes of one orientation, for every ``k`` in ``ranks``: ``(len(ranks),)`` fp64.
 
     ``err_k = ||(W - B_k) M^{1/2}||_F / ||W M^{1/2}||_F`` with ``B_k = U[:, :k] diag(S[:k]) P[:k]``, i.e.
-    :func:`covsvd.measures.functional_error` (``tr(E M E^T)`` as a sum of elementwise products, fp64) of each
+    :func:`covsvd.algebra.measures.functional_error` (``tr(E M E^T)`` as a sum of elementwise products, fp64) of each
     prefix. Because an orientation's top-k triplets are the first k of its top-r ones, ``B_k`` *is* the rank-k
     orientation (``orient(W, C, k)``), so one call to ``orient`` at the largest rank gives the whole curve.
 
-    ``M``: ``(d_in, d_in)`` PSD matrix, ``(d_in,)`` diagonal, a :class:`~covsvd.damping.Damped`, or ``None`` (I).
+    ``M``: ``(d_in, d_in)`` PSD matrix, ``(d_in,)`` diagonal, a :class:`~covsvd.algebra.damping.Damped`, or ``None`` (I).
     Cost: ``W M`` and ``P M`` once (``O((d_out + r) d_in^2)``), then ``O(d_out k d_in)`` per rank.
     """
     W64 = W.detach().to(F64)  # (d_out, d_in)

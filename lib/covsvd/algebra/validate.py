@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_choice, check_count, check_finite, check_no_tf32, check_rank, check_weight
+from ..capture.moments import SecondMoment
+from ..util.checks import check_choice, check_count, check_finite, check_no_tf32, check_rank, check_weight
 from .damping import EPS_MODES, SOLVERS, resolve_eps
-from .moments import SecondMoment
-from .thinsvd import COMPONENTS, SVDS
+from .svd import COMPONENTS, SVDS
 
-#: Every metric :func:`covsvd.orient` knows (module doc of :mod:`covsvd.orient`).
+#: Every metric :func:`covsvd.orient` knows (module doc of :mod:`covsvd.algebra.orient`).
 METRICS = ("identity", "diag", "full", "corda", "asvd")
 #: The metrics that need the full ``(d_in, d_in)`` second moment.
 FULL_METRICS = ("full", "corda")
@@ -98,7 +98,7 @@ def orient_options(W, r: int, metric: str, eps: float, eps_mode: str, components
     dtype; a weight that is not a 2-D finite materialised float tensor; r outside ``[1, min(d_out, d_in)]``;
     ``oversample`` / ``power_iters`` / ``seed`` not non-negative ints; ``components="bottom"`` with
     ``svd="randomized"`` (a range finder finds the top directions only); and float32 products on a CUDA ``W``
-    while TF32 matmuls are enabled (:func:`covsvd.checks.check_no_tf32`: the decompositions when
+    while TF32 matmuls are enabled (:func:`covsvd.util.checks.check_no_tf32`: the decompositions when
     ``compute_dtype`` is float32, the residual ``W - U S P`` whenever storage is not float64).
     """
     check_choice("metric", metric, METRICS, f"{prefix}unknown ")

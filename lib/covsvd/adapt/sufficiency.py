@@ -30,13 +30,13 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .capture import capture_moments
-from .checks import check_choice
-from .measures import principal_angles
-from .moments import SecondMoment
-from .orient import orient
-from .targets import TargetSpec, weight_matrix
-from .validate import FULL_METRICS, METRICS
+from ..algebra.measures import principal_angles
+from ..algebra.orient import orient
+from ..algebra.validate import FULL_METRICS, METRICS
+from ..capture.hooked import capture_moments
+from ..capture.moments import SecondMoment
+from ..data.targets import TargetSpec, weight_matrix
+from ..util.checks import check_choice
 
 __all__ = [
     "InsufficientCalibrationWarning",

@@ -29,7 +29,7 @@ parameters sit *below* the diagonal, ours above: ``A[i, j] = theta`` for ``i < j
 either skew construction), then multiplies by its trivialization ``base`` (``I`` when the initial
 weight is ``I``). For the same skew ``A`` both give the same ``R``; tests/test_rotation.py checks it.
 
-Dtypes: the rotation is computed in the dtype of ``theta`` (fp32 parameters by default); callers cast
+Pure tensors (the trainable module is :class:`covsvd.adapt.rotation.BlockCayley`). Dtypes: the rotation is computed in the dtype of ``theta`` (fp32 parameters by default); callers cast
 ``R`` to their compute dtype.
 """
 
@@ -39,7 +39,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def a_limit(max_angle: float) -> float:
@@ -149,33 +148,3 @@ def apply_blocks(h: torch.Tensor, R_blocks: torch.Tensor, transpose: bool = Fals
     hb = F.pad(h, (0, pad)).unflatten(-1, (n, b))  # (..., n_blocks, b)
     eq = "...nb,nbc->...nc" if transpose else "...nb,ncb->...nc"
     return torch.einsum(eq, hb, R).flatten(-2)[..., :r]  # (..., r)
-
-
-class BlockCayley(nn.Module):
-    """Trainable block-diagonal Cayley rotation of ``r`` directions; ``theta`` zeros, so ``R = I`` at init.
-
-    ``forward()`` returns the blocks ``(n_blocks, b, b)``; :meth:`matrix` the dense ``(r, r)``;
-    :meth:`rotate` multiplies along the last axis without forming it.
-    """
-
-    def __init__(self, r: int, block_size: int = 4, max_angle: float = 0.5, dtype: torch.dtype = torch.float32,
-                 device=None) -> None:
-        super().__init__()
-        a_limit(max_angle)  # validate now, not at the first forward
-        self.r, self.block_size, self.max_angle = int(r), int(block_size), float(max_angle)
-        self.sizes = block_sizes(r, block_size)
-        self.theta = nn.Parameter(torch.zeros(n_rotation_params(r, block_size), dtype=dtype, device=device))
-
-    def forward(self) -> torch.Tensor:
-        return rotation_blocks(self.theta, self.r, self.block_size, self.max_angle)  # (n_blocks, b, b)
-
-    def matrix(self) -> torch.Tensor:
-        return block_diag_matrix(self(), self.r)  # (r, r)
-
-    def rotate(self, h: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """``h @ R.T`` (``h @ R`` with ``transpose``), ``h`` ``(..., r)``. Not ``apply``: nn.Module owns that name."""
-        return apply_blocks(h, self(), transpose=transpose)
-
-    def extra_repr(self) -> str:
-        return (f"r={self.r}, block_size={self.block_size}, blocks={self.sizes if len(set(self.sizes)) > 1 else len(self.sizes)}"
-                f", params={self.theta.numel()}, max_angle={self.max_angle}")

@@ -1,7 +1,7 @@
 """The measures every comparison of orientations uses, each defined once. Pure tensors, fp64 throughout.
 
 * :func:`metric_mul` and :func:`quad`: ``X M`` and ``tr(E M E^T) = ||E M^{1/2}||_F^2`` for any metric form
-  (``None`` = I, a ``(d,)`` diagonal, a ``(d, d)`` matrix, a :class:`~covsvd.damping.Damped`).
+  (``None`` = I, a ``(d,)`` diagonal, a ``(d, d)`` matrix, a :class:`~covsvd.algebra.damping.Damped`).
 * :func:`functional_error`: ``||(W - B) M^{1/2}||_F / ||W M^{1/2}||_F``, the relative RMS output error of
   replacing ``W`` by ``B`` on inputs with second moment M (docs/algebra.md, "Eckart-Young under the metric").
 * :func:`identity_error`: how far stored factors ``W_res + U diag(S) P`` are from ``W``;
@@ -24,7 +24,7 @@ NORMS = ("max", "fro")
 
 def metric_mul(X: torch.Tensor, M: MetricForm) -> torch.Tensor:
     """``X M`` for ``X (k, d)``: ``M`` None (I), a ``(d,)`` diagonal (column broadcast), a ``(d, d)`` matrix, or a
-    :class:`~covsvd.damping.Damped` (applied in its own dtype). Returns X's dtype for tensors, M's for a Damped."""
+    :class:`~covsvd.algebra.damping.Damped` (applied in its own dtype). Returns X's dtype for tensors, M's for a Damped."""
     if M is None:
         return X
     if isinstance(M, Damped):

@@ -10,7 +10,7 @@ Sums, not means, are stored so that two moments add exactly (``a + b``) and redu
 with one ``all_reduce`` each (:meth:`SecondMoment.all_reduce`).
 
 Streaming: :class:`MomentAccumulator` adds batches of rows ``x`` ``(N, d_in)`` into O(d_in^2) (full) or
-O(d_in) (diag) memory, whatever the number of rows. Its per-batch Gram product ``x^T x`` (:mod:`covsvd.gram`)
+O(d_in) (diag) memory, whatever the number of rows. Its per-batch Gram product ``x^T x`` (:mod:`covsvd.capture.gram`)
 is computed in one of two precisions (``accumulate=``):
 
 * ``"float64"`` (the default): rows are cast to fp64 and multiplied in fp64. Equals fp64 brute force
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_choice
+from ..util.checks import check_choice
 from .gram import (
     ACCUMULATE,
     add_column_sums_,
@@ -212,7 +212,7 @@ class SecondMoment:
 
         Two collectives: ``sum_xx``, then ``[sum_x, sum_abs, count]`` packed in one fp64 vector (counts are
         exact in fp64 below 2**53). Every process must hold a moment of the same kind and ``d_in``;
-        :func:`covsvd.distributed.all_reduce_moments` checks that for a whole ``{name: SecondMoment}`` dict.
+        :func:`covsvd.capture.distributed.all_reduce_moments` checks that for a whole ``{name: SecondMoment}`` dict.
         """
         import torch.distributed as dist
 

@@ -24,18 +24,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_choice, check_rank, check_weight
-from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
-from .digest import sampled_digest
+from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE
+from ..algebra.measures import identity_error, max_relative_error
+from ..algebra.orient import orient
+from ..algebra.rotation import a_limit, block_sizes
+from ..algebra.validate import METRICS, moment_parts
+from ..capture.moments import SecondMoment
+from ..data.models import model_identity
+from ..data.targets import find_targets, in_out_features, weight_matrix
+from ..util.checks import check_choice, check_rank, check_weight
+from ..util.digest import sampled_digest
 from .layer import BoundedGainLinear, rotate_arm
-from .measures import identity_error, max_relative_error
-from .models import model_identity
-from .moments import SecondMoment
-from .orient import orient
-from .rotation import a_limit, block_sizes
 from .sufficiency import check_sufficient
-from .targets import find_targets, in_out_features, weight_matrix
-from .validate import METRICS, moment_parts
 
 
 @dataclass
@@ -182,7 +182,7 @@ def resolve_targets(model, moments, metric, targets) -> list[str]:
 def check_target(model: nn.Module, name: str, r: int, C, metric: str) -> None:
     """Everything one target needs before it is oriented: ``r`` fits its shape, its weight is materialised,
     floating and finite, it is not an ``nn.MultiheadAttention.out_proj`` (MHA reads that weight directly: a
-    replaced or LoRA-wrapped out_proj would never run), and ``C`` fits ``metric`` (:func:`covsvd.validate.
+    replaced or LoRA-wrapped out_proj would never run), and ``C`` fits ``metric`` (:func:`covsvd.algebra.validate.
     moment_parts`; ``None`` only for ``identity``). Raises ``ValueError`` naming the layer, its shape and the fix;
     changes nothing. Shared by :func:`attach_adapters` and :func:`covsvd.export_peft`."""
     module = model.get_submodule(name)

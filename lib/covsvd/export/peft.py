@@ -37,17 +37,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attach import adapters, check_target, check_tied, layer_ranks, rank_str, resolve_targets
-from .checks import check_choice
-from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
-from .files import atomic_directory
-from .measures import identity_error
-from .models import model_identity
-from .moments import SecondMoment
-from .orient import orient
-from .targets import Conv1D, weight_matrix
-from .validate import METRICS
-from .version import __version__
+from ..adapt.attach import adapters, check_target, check_tied, layer_ranks, rank_str, resolve_targets
+from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE
+from ..algebra.measures import identity_error
+from ..algebra.orient import orient
+from ..algebra.validate import METRICS
+from ..capture.moments import SecondMoment
+from ..data.models import model_identity
+from ..data.targets import Conv1D, weight_matrix
+from ..util.checks import check_choice
+from ..util.files import atomic_directory
+from ..version import __version__
 
 __all__ = ["export_peft"]
 
@@ -203,7 +203,7 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
             missing or unfit moments; moments captured on another model (their fingerprint); tied weights; a
             target name peft would match twice (:func:`check_peft_names`).
         FileExistsError: ``path`` exists and ``overwrite`` is false (``path`` is left untouched).
-        On any error while orienting or writing nothing is left at ``path`` (:func:`covsvd.files.atomic_directory`).
+        On any error while orienting or writing nothing is left at ``path`` (:func:`covsvd.util.files.atomic_directory`).
     """
     from transformers import PreTrainedModel
 
@@ -266,7 +266,7 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
         settings = dict(metric=metric, r=r if isinstance(r, int) else dict(ranks), eps=eps, eps_mode=eps_mode,
                         **{k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
                            for k, v in orient_kwargs.items()})
-        record = dict(format="covsvd.peft_export", covsvd_version=__version__, model=model_identity(model),
+        record = dict(format="covsvd.export.peft", covsvd_version=__version__, model=model_identity(model),
                       settings=settings, layers=rows)
         (tmp / "covsvd.json").write_text(json.dumps(record, indent=2) + "\n")
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .digest import tensors_digest
-from .files import atomic_write
-from .models import model_identity
+from ..data.models import model_identity
+from ..util.digest import tensors_digest
+from ..util.files import atomic_write
+from ..version import __version__
 from .moments import SecondMoment
-from .version import __version__
 
-FORMAT = "covsvd.moments"
+FORMAT = "covsvd.capture.moments"
 FORMAT_VERSION = "1"
 _FIELDS = ("sum_xx", "sum_x", "sum_abs", "count")
 

@@ -11,7 +11,7 @@ nothing of the structure, needs 2r). With the SVD ``K = Q_l diag(k) Q_r^T`` (fp6
     B = U Q_l diag(sqrt k)   (d_out, r)        A = diag(sqrt k) Q_r^T P   (r, d_in)        B A = U K P
 
 formed in fp64 and rounded once to the adapter dtype (fp32; fp64 for an fp64 model). The adapter is written
-by :mod:`covsvd.peft_export`'s writer (scaling 1, full-name targets, ``fan_in_fan_out`` for Conv1D).
+by :mod:`covsvd.export.peft`'s writer (scaling 1, full-name targets, ``fan_in_fan_out`` for Conv1D).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .attach import adapters, attached_identity
-from .files import atomic_directory
-from .layer import BoundedGainLinear
-from .peft_export import adapter_dtype, check_peft_names, lora_config, model_mapping, write_lora_adapter
+from ..adapt.attach import adapters, attached_identity
+from ..adapt.layer import BoundedGainLinear
+from ..util.files import atomic_directory
+from .peft import adapter_dtype, check_peft_names, lora_config, model_mapping, write_lora_adapter
 
 __all__ = ["export_lora_delta"]
 
@@ -50,8 +50,8 @@ def export_lora_delta(model: nn.Module, path: str | os.PathLike, *, overwrite: b
     is the original model's ``config._name_or_path`` when known (else ``None``). ``model`` is not changed.
 
     Raises ``ValueError`` when ``model`` carries no covsvd adapters or peft would match a layer name twice
-    (:func:`covsvd.peft_export.check_peft_names`), ``FileExistsError`` when ``path`` exists and ``overwrite``
-    is false; nothing is left half-written (:func:`covsvd.files.atomic_directory`).
+    (:func:`covsvd.export.peft.check_peft_names`), ``FileExistsError`` when ``path`` exists and ``overwrite``
+    is false; nothing is left half-written (:func:`covsvd.util.files.atomic_directory`).
     """
     found = adapters(model)
     if not found:

@@ -13,12 +13,12 @@ import os
 import torch
 from torch import nn
 
+from ..data.targets import find_targets, in_out_features, weight_matrix
+from ..util.digest import sampled_digest, tensors_digest
+from ..util.files import atomic_write
+from ..version import __version__
 from .attach import adapters, attached_identity, install, layout, shape_str
-from .digest import sampled_digest, tensors_digest
-from .files import atomic_write
 from .layer import BoundedGainLinear
-from .targets import find_targets, in_out_features, weight_matrix
-from .version import __version__
 
 FORMAT = "covsvd.adapters"
 FORMAT_VERSION = "1"

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .textdata import IGNORE_INDEX
+from ..data.textfiles import IGNORE_INDEX
 
 #: ``token_mask=`` of capture: ``None`` (padding only), ``"labels"``, a batch key, or ``f(batch) -> (B, T)``.
 TokenMaskSpec = None | str | Callable[[object], torch.Tensor]

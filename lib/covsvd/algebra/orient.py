@@ -3,7 +3,7 @@ and the exact residual ``W_res = W - U diag(S) P``. Pure tensors; nothing is mut
 
 Every metric is one right factor ``T`` of the weight (docs/algebra.md, "Orientation by a metric")::
 
-    W T = U S Vh  (covsvd.thinsvd: exact, or randomized)     U_r, S_r, Vh_r = the r kept triplets     P_r = Vh_r T^{-1}
+    W T = U S Vh  (covsvd.algebra.svd: exact, or randomized)     U_r, S_r, Vh_r = the r kept triplets     P_r = Vh_r T^{-1}
 
     identity  T = I                      P = Vh                      (PiSSA-style top-r)
     diag      T = diag(sqrt(c + eps))    P = Vh * (c + eps)^-1/2     (ASVD-style; c = diag C, column broadcast)
@@ -11,13 +11,13 @@ Every metric is one right factor ``T`` of the weight (docs/algebra.md, "Orientat
     full      T = F, F F^T = M           P = Vh F^{-1}               (whitening; Cholesky L or Q diag(sqrt lam))
     corda     T = M                      P = Vh M^{-1}               (the CorDA paper's svd(W C), as in peft)
 
-with ``M = C + eps I`` (:mod:`covsvd.damping`). Because ``Vh_r = S_r^{-1} U_r^T W T``, every metric gives
+with ``M = C + eps I`` (:mod:`covsvd.algebra.damping`). Because ``Vh_r = S_r^{-1} U_r^T W T``, every metric gives
 ``U_r S_r P_r = U_r U_r^T W``: the orthogonal projection of W onto an r-dimensional output subspace, which
 metric chooses. ``full`` chooses the Eckart-Young optimum under M; ``corda`` is the optimum under ``M^2``
 (its P rows are ``M^2``-orthonormal, not M-orthonormal), a different basis.
 
-The steps, each a pure function below: validate (:func:`covsvd.validate.orient_options`,
-:func:`covsvd.validate.moment_parts`) -> :func:`metric_factor` -> :func:`right_factor` -> :func:`decompose`
+The steps, each a pure function below: validate (:func:`covsvd.algebra.validate.orient_options`,
+:func:`covsvd.algebra.validate.moment_parts`) -> :func:`metric_factor` -> :func:`right_factor` -> :func:`decompose`
 -> :func:`back_factor` -> :func:`residual` -> :func:`diagnostics`. Everything runs on ``W``'s device.
 """
 
@@ -28,10 +28,10 @@ from typing import NamedTuple
 
 import torch
 
-from .checks import where
+from ..util.checks import where
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp, resolve_eps
 from .measures import quad
-from .thinsvd import kept, randomized_svd, truncated_svd
+from .svd import kept, randomized_svd, truncated_svd
 from .validate import FULL_METRICS, METRICS, moment_parts, orient_options
 
 __all__ = ["METRICS", "Oriented", "orient"]
@@ -90,7 +90,7 @@ def orient(
         metric: ``"identity"``, ``"diag"``, ``"full"``, ``"corda"`` or ``"asvd"`` (module docstring).
         eps, eps_mode: damping ``M = C + eps I``; ``"relative"`` adds ``eps * mean(diag C)``, ``"absolute"``
             adds ``eps`` (for ``asvd`` the diagonal damped is ``s^2``, relative to ``mean(s^2)``). Default
-            ``covsvd.DEFAULT_EPS`` relative (see ``covsvd.damping`` for why): scaling the inputs x by any
+            ``covsvd.DEFAULT_EPS`` relative (see ``covsvd.algebra.damping`` for why): scaling the inputs x by any
             ``a > 0`` then leaves U, the row space of P and ``U S P`` unchanged (S scales by a, P by 1/a).
             For ``identity`` eps only enters ``info["rel_error"]``.
         components: ``"top"`` keeps the r largest singular directions of ``W T``; ``"bottom"`` the r
@@ -103,8 +103,8 @@ def orient(
             **float64 by default**; float32 allowed (measured accuracy in bench/orient.py).
         storage_dtype: the dtype of the returned U, S, P (default: ``W.dtype``). ``W_res`` is formed in
             fp32 (fp64 if storage is fp64) from the factors *after* rounding to it.
-        svd: ``"exact"`` (default; :func:`covsvd.thinsvd.truncated_svd`) or ``"randomized"``
-            (:func:`covsvd.thinsvd.randomized_svd`, top components only): a sketch of ``r + oversample``
+        svd: ``"exact"`` (default; :func:`covsvd.algebra.svd.truncated_svd`) or ``"randomized"``
+            (:func:`covsvd.algebra.svd.randomized_svd`, top components only): a sketch of ``r + oversample``
             columns (clamped to ``min(d_out, d_in)``), ``power_iters`` QR-stabilised subspace iterations,
             Gaussian test matrix from a ``torch.Generator`` on W's device seeded with ``seed``:
             deterministic for a seed on a given device. The residual identity is exact either way (W_res is
@@ -112,9 +112,9 @@ def orient(
         name: a layer name, used in error messages.
 
     Raises:
-        ValueError: a bad option or moment (:func:`covsvd.validate.orient_options`,
-            :func:`covsvd.validate.moment_parts`), ``C + eps I`` not positive definite for ``solver="cholesky"``
-            (:func:`covsvd.damping.damp`), or float32 products on CUDA with TF32 enabled (never run silently).
+        ValueError: a bad option or moment (:func:`covsvd.algebra.validate.orient_options`,
+            :func:`covsvd.algebra.validate.moment_parts`), ``C + eps I`` not positive definite for ``solver="cholesky"``
+            (:func:`covsvd.algebra.damping.damp`), or float32 products on CUDA with TF32 enabled (never run silently).
 
     ``info`` (a dict of Python scalars and strings):
         ``metric, components, solver, r, compute_dtype, storage_dtype, device, name``;
@@ -179,8 +179,8 @@ def right_factor(W: torch.Tensor, own: Damped | None, metric: str) -> torch.Tens
 def decompose(A: torch.Tensor, r: int, components: str, svd: str, oversample: int, power_iters: int, seed: int):
     """``(U_r (m, r), S_r (r,), Vh_r (r, n), energy, known)`` of ``A = W T`` ``(m, n)``, in A's dtype, on A's device.
 
-    ``svd="exact"``: :func:`~covsvd.thinsvd.truncated_svd`, the r triplets of ``components``; ``energy.dropped``
-    sums the other squared singular values. ``svd="randomized"``: :func:`~covsvd.thinsvd.randomized_svd` (top
+    ``svd="exact"``: :func:`~covsvd.algebra.svd.truncated_svd`, the r triplets of ``components``; ``energy.dropped``
+    sums the other squared singular values. ``svd="randomized"``: :func:`~covsvd.algebra.svd.randomized_svd` (top
     only), Gaussian sketch from a generator on A's device seeded with ``seed``; only its singular values are
     known, so ``energy`` is measured on A itself: ``total = ||A||_F^2`` and ``dropped = ||A - U_r S_r Vh_r||_F^2``
     (fp64 sums), the error of the factors returned rather than the optimal tail. ``known``: how many singular

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rotation import BlockCayley, rotation_blocks
-from .targets import Conv1D
+from ..algebra.rotation import block_diag_matrix, rotation_blocks
+from ..data.targets import Conv1D
+from .rotation import BlockCayley
 
 ROTATE = (None, "V", "U", "both")
 
@@ -46,7 +47,7 @@ class BoundedGainLinear(nn.Module):
         bias: the original bias ``(d_out,)`` or ``None``.
         coeff: gain slope, ``S_eff = S * (1 + ELU(coeff * g))``.
         rotate: ``None``, ``"V"`` (rows of P), ``"U"`` (columns of U) or ``"both"`` (independent rotations).
-        block_size, max_angle: the Cayley layout and bound (:mod:`covsvd.rotation`).
+        block_size, max_angle: the Cayley layout and bound (:mod:`covsvd.algebra.rotation`).
         layout: ``"linear"`` or ``"conv1d"``: which plain module :meth:`to_plain` rebuilds.
         base_dtype: the original weight's dtype (the restored weight gets it back).
         config: free-form description kept for reports and files (metric, eps used, digests, ...).
@@ -125,7 +126,7 @@ class BoundedGainLinear(nn.Module):
         if rot is None:
             return None
         R = rotation_blocks(rot.theta.detach().double(), rot.r, rot.block_size, rot.max_angle)
-        return torch.block_diag(*R.unbind(0))[: self.r, : self.r]  # (r, r) fp64
+        return block_diag_matrix(R, self.r)  # (r, r) fp64
 
     def delta_weight(self, trained: bool = True) -> torch.Tensor:
         """``U_eff diag(S_eff) P_eff`` ``(d_out, d_in)`` in fp64 (``trained=False``: ``U diag(S) P``)."""
@@ -143,7 +144,7 @@ class BoundedGainLinear(nn.Module):
     def delta_core(self) -> torch.Tensor:
         """What training changed, in the adapter's own basis: ``K (r, r)`` fp64 with
         ``delta_weight(True) - delta_weight(False) == U K P``, ``K = R_U^T diag(S_eff) R_V - diag(S)``.
-        So the change has rank ``<= r`` (used by :func:`covsvd.lora_delta.export_lora_delta`)."""
+        So the change has rank ``<= r`` (used by :func:`covsvd.export.lora_delta.export_lora_delta`)."""
         K = torch.diag(self.s_eff().detach().double())  # (r, r)
         R_V, R_U = self._rotation64(self.rot_V), self._rotation64(self.rot_U)
         if R_V is not None:

@@ -1,6 +1,6 @@
 """How much memory capture's accumulators take, before a capture runs: :func:`estimate_memory`.
 
-An accumulator holds fp64 sums (:class:`~covsvd.moments.SecondMoment`): ``sum_xx`` (``d_in^2`` for
+An accumulator holds fp64 sums (:class:`~covsvd.capture.moments.SecondMoment`): ``sum_xx`` (``d_in^2`` for
 ``kind="full"``, ``d_in`` for ``"diag"``), ``sum_x`` and ``sum_abs`` (``d_in`` each); :func:`accumulator_bytes`.
 Targets that read one input tensor (q/k/v, gate/up) share one accumulator. Sharing is a property of the
 forward, not of the modules, so it is *discovered* by one forward of 2 tokens with ``kind="diag"``
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .capture import MomentCapture, module_device
-from .checks import check_choice
+from ..data.targets import TargetSpec, find_targets, in_out_features
+from ..util.checks import check_choice
 from .gram import ACCUMULATE, gram_dtype
+from .hooked import MomentCapture, module_device
 from .layerwise import BlockSpec, find_blocks
 from .moments import KINDS
-from .targets import TargetSpec, find_targets, in_out_features
 
 
 def accumulator_bytes(d_in: int, kind: str = "full") -> int:
@@ -137,7 +137,7 @@ def estimate_memory(
     Args:
         model, targets, kind, accumulate: as in :func:`covsvd.capture_moments`.
         layerwise: which capture :attr:`MemoryEstimate.peak_bytes` describes; with ``True`` the blocks must
-            be found (:func:`covsvd.layerwise.find_blocks`, ``blocks=`` as in capture) or it raises.
+            be found (:func:`covsvd.capture.layerwise.find_blocks`, ``blocks=`` as in capture) or it raises.
         blocks: where the blocks are (layerwise capture's ``blocks=``).
 
     Nothing is allocated beyond one 2-token probe forward with O(d_in) accumulators (module doc); the

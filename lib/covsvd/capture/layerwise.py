@@ -12,7 +12,7 @@ Per block ``i`` and per batch ``b``:
    Qwen2's sliding-window layers), recomputed per batch (embeddings and masks only: no block runs) rather
    than stored.
 2. *run*: block ``i`` runs (its real forward) on those arguments with hooks on its targets
-   (:class:`~covsvd.capture.MomentCapture`); its output, whatever its form (a tensor, or a tuple led by the
+   (:class:`~covsvd.capture.hooked.MomentCapture`); its output, whatever its form (a tensor, or a tuple led by the
    hidden states), replaces block ``i-1``'s in the cache, on ``offload`` (CPU by default).
 
 The forward gets ``use_cache=False`` (no KV cache). Block inputs always come from the cached outputs of the
@@ -38,10 +38,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from .capture import MomentCapture, eval_mode, module_device, prepare
+from ..data.targets import TargetSpec, find_targets, is_linear
+from .hooked import MomentCapture, eval_mode, module_device, prepare
 from .moments import SecondMoment
 from .rows import TokenMaskSpec
-from .targets import TargetSpec, find_targets, is_linear
 
 #: Stage names of the targets outside the blocks (the model calls them before block 0 / after the last block).
 BEFORE, AFTER = "<before blocks>", "<after blocks>"

@@ -1,7 +1,7 @@
 """Streaming initialisation: capture a block's moments, orient, attach, free them (:func:`init_adapters`).
 
 With ``layerwise=True`` a whole model's full-C init holds one block's moments at a time (plus those of the
-few targets outside the blocks, attached last): :func:`covsvd.layerwise.iter_block_moments` yields each block's
+few targets outside the blocks, attached last): :func:`covsvd.capture.layerwise.iter_block_moments` yields each block's
 moments as the block finishes, :func:`covsvd.attach_adapters` attaches that block's targets, and the moments
 are dropped. The result is the adapters ``capture_moments`` + ``attach_adapters`` give: every block's inputs
 come from the block outputs cached while the model was still plain (the layerwise module doc), so attaching
@@ -21,6 +21,14 @@ from pathlib import Path
 
 from torch import nn
 
+from ..algebra.validate import FULL_METRICS, METRICS
+from ..capture.files import load_moments, read_metadata, save_moments
+from ..capture.hooked import capture_moments
+from ..capture.layerwise import AFTER, BEFORE, find_blocks, iter_block_moments
+from ..capture.moments import SecondMoment
+from ..capture.rows import TokenMaskSpec
+from ..data.targets import TargetSpec, find_targets
+from ..util.checks import check_choice
 from .attach import (
     AttachReport,
     adapters,
@@ -30,14 +38,6 @@ from .attach import (
     layer_ranks,
     set_module,
 )
-from .capture import capture_moments
-from .checks import check_choice
-from .io import load_moments, read_metadata, save_moments
-from .layerwise import AFTER, BEFORE, find_blocks, iter_block_moments
-from .moments import SecondMoment
-from .rows import TokenMaskSpec
-from .targets import TargetSpec, find_targets
-from .validate import FULL_METRICS, METRICS
 
 #: Keyword arguments of :func:`init_adapters` that go to the capture; every other one goes to attach_adapters.
 CAPTURE_OPTIONS = ("accumulate", "share_inputs", "blocks", "offload", "all_reduce", "group")

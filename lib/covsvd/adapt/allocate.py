@@ -1,15 +1,15 @@
 """Per-layer ranks under a parameter budget: which layers get more of a fixed number of trainable parameters.
 
 Every layer l has the singular values ``S_l`` (fp64, descending) of its metric's ``W T``
-(:mod:`covsvd.orient`: ``T = M^{1/2}`` for ``full``, ``M`` for ``corda``, ``I`` for ``identity``, ...). Keeping
+(:mod:`covsvd.algebra.orient`: ``T = M^{1/2}`` for ``full``, ``M`` for ``corda``, ``I`` for ``identity``, ...). Keeping
 rank r drops the energy ``e_l(r) = sum_{i >= r} S_{l,i}^2 / sum_i S_{l,i}^2``: for ``full`` that is the
 squared relative functional error ``||(W - U_r S_r P_r) M^{1/2}||_F^2 / ||W M^{1/2}||_F^2`` of the rank-r
 orientation (docs/algebra.md, "Eckart-Young under the metric"; ``orient``'s ``info["rel_error"] ** 2``), for
 the other metrics the same quantity under their own norm. A rank costs ``c_l`` parameters (:data:`COSTS`):
 ``"lora"`` ``d_in + d_out`` (a LoRA factor pair per rank), ``"gain"`` 1 (the bounded-gain adapter's ``g``).
 
-Rules (:data:`RULES`): ``"optimal"`` (exact; the argument is in :mod:`covsvd.budget`) and ``"threshold"``
-(EVA-like), both pure functions of the spectra and costs in :mod:`covsvd.budget`.
+Rules (:data:`RULES`): ``"optimal"`` (exact; the argument is in :mod:`covsvd.algebra.budget`) and ``"threshold"``
+(EVA-like), both pure functions of the spectra and costs in :mod:`covsvd.algebra.budget`.
 
 The pure part (spectra and costs in, ranks out; no modules): :func:`metric_spectrum`, :func:`dropped_energy`,
 :func:`rank_costs`, :func:`optimal_ranks`, :func:`threshold_ranks`, :func:`allocation_cost`,
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .budget import (
+from ..algebra.budget import (
     COSTS,
     RULES,
     allocation_cost,
@@ -36,11 +36,11 @@ from .budget import (
     rank_costs,
     threshold_ranks,
 )
-from .checks import check_choice, check_count, check_weight, where
-from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
-from .orient import metric_factor, right_factor
-from .targets import find_targets, in_out_features, weight_matrix
-from .validate import METRICS, moment_parts
+from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE
+from ..algebra.orient import metric_factor, right_factor
+from ..algebra.validate import METRICS, moment_parts
+from ..data.targets import find_targets, in_out_features, weight_matrix
+from ..util.checks import check_choice, check_count, check_weight, where
 
 F64 = torch.float64
 
@@ -64,8 +64,8 @@ def metric_spectrum(
 ) -> torch.Tensor:
     """All ``k = min(d_out, d_in)`` singular values of ``W T`` for ``metric``, fp64, descending: ``(k,)``.
 
-    The same ``W T`` :func:`covsvd.orient` decomposes (its :func:`~covsvd.orient.metric_factor` and
-    :func:`~covsvd.orient.right_factor`, every step in fp64), so ``S[:r]`` are orient's ``S`` at rank r.
+    The same ``W T`` :func:`covsvd.orient` decomposes (its :func:`~covsvd.algebra.orient.metric_factor` and
+    :func:`~covsvd.algebra.orient.right_factor`, every step in fp64), so ``S[:r]`` are orient's ``S`` at rank r.
     ``W (d_out, d_in)``, ``C`` and the keyword arguments as in :func:`covsvd.orient`. Raises ``ValueError``
     as orient does (a moment that does not fit, non-finite values, an unknown metric), naming ``name``.
     """

@@ -1,29 +1,29 @@
 """Hook-based capture of ``C = E[x x^T]`` for the inputs of a model's Linear / Conv1D layers.
 
 The thin layer that touches modules: forward pre-hooks (:class:`InputHooks`) hand each call's input to
-a :class:`~covsvd.moments.MomentAccumulator` after dropping padding (:class:`TokenRows`). The algebra
-(the streaming sums and their precision) lives in :mod:`covsvd.moments`.
+a :class:`~covsvd.capture.moments.MomentAccumulator` after dropping padding (:class:`TokenRows`). The algebra
+(the streaming sums and their precision) lives in :mod:`covsvd.capture.moments`.
 
 Per call, one copy of the input: its real rows, padding dropped and cast to the Gram product's dtype in
 the same pass, written into one reusable buffer (:class:`RowBuffers`) that the accumulator may then
 overwrite (``|x|`` in place), so no ``(N, d_in)`` tensor is allocated per hook. Measured on the default
 model, bench/results/capture.md has what these copies, the O(d_in) sums and the hooks cost beside the forward.
 
-Shared inputs (:class:`~covsvd.hooks.SharedInputs`): targets that read the same input tensor share one
+Shared inputs (:class:`~covsvd.capture.hooks.SharedInputs`): targets that read the same input tensor share one
 accumulator, so the product is computed once.
 
 Which tokens count: padding (``attention_mask == 0``) never does; ``token_mask=`` may drop more (e.g. the
-prompt: ``"labels"`` keeps ``labels != -100``), see :func:`covsvd.rows.token_mask`. A batch key read as the
+prompt: ``"labels"`` keeps ``labels != -100``), see :func:`covsvd.capture.rows.token_mask`. A batch key read as the
 mask is kept out of the model's forward (a transformers model given ``labels`` would compute a loss, unused).
 Capture never builds a KV cache: ``use_cache=False`` is passed to a forward that takes it.
 
 Devices and dtypes: the accumulators live on the model's device (``layerwise=True``: each block's). Rows of a
 bf16 / fp16 / fp32 model are cast to the Gram product's dtype (fp64, or fp32 for ``accumulate="float32"``)
 before the product, never multiplied in half precision; the sums are fp64. On CUDA, ``accumulate="float32"``
-with TF32 matmuls enabled raises (:func:`covsvd.checks.check_no_tf32`) rather than silently computing TF32
+with TF32 matmuls enabled raises (:func:`covsvd.util.checks.check_no_tf32`) rather than silently computing TF32
 products.
 
-``layerwise=True`` (:mod:`covsvd.layerwise`): the data goes through the model one transformer block at a time,
+``layerwise=True`` (:mod:`covsvd.capture.layerwise`): the data goes through the model one transformer block at a time,
 so only one block's accumulators exist at a time.
 """
 
@@ -36,13 +36,13 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from .checks import check_no_tf32
+from ..data.models import model_identity
+from ..data.targets import TargetSpec, find_targets, in_out_features
+from ..util.checks import check_no_tf32
 from .gram import ACCUMULATE, gram_dtype
 from .hooks import InputHooks, SharedInputs
-from .models import model_identity
 from .moments import KINDS, MomentAccumulator, SecondMoment
 from .rows import RowBuffers, TokenMaskSpec, TokenRows, mask_key, token_mask
-from .targets import TargetSpec, find_targets, in_out_features
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -88,7 +88,7 @@ def as_call(batch, device: torch.device, forward: Callable) -> tuple[tuple, dict
 def prepare(batch, device: torch.device, forward: Callable, mask_spec: TokenMaskSpec = None
             ) -> tuple[tuple, dict, torch.Tensor | None]:
     """``(args, kwargs, mask)``: :func:`as_call`, then the mask of the tokens that count (padding and, with
-    ``mask_spec``, the unselected tokens out; :func:`covsvd.rows.token_mask`), the batch key read as the mask
+    ``mask_spec``, the unselected tokens out; :func:`covsvd.capture.rows.token_mask`), the batch key read as the mask
     removed from the forward's inputs, and ``use_cache=False`` when ``forward`` takes ``use_cache``."""
     args, kwargs, attention = as_call(batch, device, forward)
     key = mask_key(mask_spec)
@@ -137,7 +137,7 @@ class MomentCapture:
     error was raised) the hooks are removed and every module's train/eval flag restored. Each ``add``
     runs the forward under ``torch.no_grad()`` (the caller's grad mode is untouched). Arguments as in
     :func:`capture_moments`; ``device``: where the accumulators live (default: the model's device).
-    :meth:`run` feeds any call instead of the model's forward (one transformer block: :mod:`covsvd.layerwise`).
+    :meth:`run` feeds any call instead of the model's forward (one transformer block: :mod:`covsvd.capture.layerwise`).
     """
 
     def __init__(
@@ -301,7 +301,7 @@ def capture_moments(
         share_inputs: targets reading the same input tensor share one accumulator (one product).
         all_reduce: sum the moments over the processes of ``group`` with ``torch.distributed`` before
             returning (each process passes its own shard of the data).
-        layerwise: run the data through one transformer block at a time (:mod:`covsvd.layerwise`): only one
+        layerwise: run the data through one transformer block at a time (:mod:`covsvd.capture.layerwise`): only one
             block's accumulators exist at a time; the result equals the default capture (to fp64 rounding).
             ``batches`` is then iterated once per block (a generator is first stored as a list).
         blocks: layerwise only: where the blocks are (``None``: found automatically; a dotted path to the

@@ -3,7 +3,7 @@
 The key (:func:`cache_path`) hashes the model's identity (parameter names and shapes) and every number of its
 state dict, the batch contents (every tensor's bytes), ``kind``, ``targets``, the accumulation precision and
 the covsvd version. Any change to any of them is a different file, so a cache hit is the same moments a fresh
-capture would give (fp64 sums, written atomically and checked on load by :mod:`covsvd.io`).
+capture would give (fp64 sums, written atomically and checked on load by :mod:`covsvd.capture.files`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from pathlib import Path
 
 from torch import nn
 
-from .capture import capture_moments
-from .digest import batches_digest, json_digest, state_digest
-from .io import load_moments, save_moments
-from .models import model_identity
+from ..data.models import model_identity
+from ..data.targets import TargetSpec
+from ..util.digest import batches_digest, json_digest, state_digest
+from ..version import __version__
+from .files import load_moments, save_moments
+from .hooked import capture_moments
 from .moments import SecondMoment
-from .targets import TargetSpec
-from .version import __version__
 
 
 def default_cache_dir() -> Path:

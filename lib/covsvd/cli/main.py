@@ -7,18 +7,18 @@ Core verbs:
 
 Both load a local transformers checkpoint (or ``default``, the embedded all-MiniLM-L6-v2) on ``--device`` in
 ``--dtype``, read calibration text from ``--data`` (.txt, .jsonl / .parquet with a text field,
-:mod:`covsvd.textdata`; default: the embedded pydoc corpus), print :func:`covsvd.estimate_memory` and refuse
+:mod:`covsvd.data.textfiles`; default: the embedded pydoc corpus), print :func:`covsvd.estimate_memory` and refuse
 (exit 1, naming the fix) when the accumulators would not fit the device's free memory.
 
 Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` set) every process builds the
 same batches and takes every N-th one, the process group is initialised (gloo on CPU, NCCL on CUDA, each
-process on ``cuda:LOCAL_RANK``; :mod:`covsvd.launch`), the moments are summed across processes
+process on ``cuda:LOCAL_RANK``; :mod:`covsvd.cli.launch`), the moments are summed across processes
 (``capture_moments(..., all_reduce=True)``) and rank 0 alone writes, atomically.
 
 Bad input exits with status 1 and one line on stderr, before anything is written: every output is written
-atomically (:mod:`covsvd.files`), so an error leaves no partial file.
+atomically (:mod:`covsvd.util.files`), so an error leaves no partial file.
 
-Verbs of installed extensions are found through the ``covsvd.cli`` entry-point group: each entry point names a
+Verbs of installed extensions are found through the ``covsvd.cli.main`` entry-point group: each entry point names a
 function ``add(subparsers)`` that creates its parser and sets ``run=<function(args) -> int>``. The lab registers
 ``figures`` and ``ablate`` this way (pyproject.toml), so this module never imports it.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from .launch import Launch, free_memory, rank0
 
-ENTRY_POINTS = "covsvd.cli"
+ENTRY_POINTS = "covsvd.cli.main"
 DTYPES = ("float32", "bfloat16", "float16")
 MODEL_CLASSES = ("auto", "causal-lm", "base")
 #: What :func:`covsvd.orient` reads from the moments, per metric: the capture kind it needs.
@@ -94,7 +94,8 @@ def load(args: argparse.Namespace, device):
 def make_batches(args: argparse.Namespace, tokenizer) -> list:
     """Calibration batches from ``--data`` (or the embedded corpus), ``labels`` kept only for ``--token-mask labels``."""
     import covsvd
-    from covsvd import textdata
+
+    from ..data import textfiles as textdata
 
     size = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
     if args.prompt_field:
@@ -135,8 +136,8 @@ def check_memory(model, launch: Launch, targets, kind: str, accumulate: str, lay
 
     import torch
 
-    from covsvd.memory import estimate_memory
-    from covsvd.memory import format_bytes as size
+    from covsvd.capture.memory import estimate_memory
+    from covsvd.capture.memory import format_bytes as size
 
     est = estimate_memory(model, targets, kind, layerwise, accumulate=accumulate)
     device, cpu, local = launch.device, torch.device("cpu"), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -199,8 +200,8 @@ def run_init(args: argparse.Namespace) -> int:
     ``--moments`` or capture them (streaming through ``init_adapters`` with ``--layerwise --format covsvd`` in
     one process); then rank 0 writes ``--format peft`` (``export_peft``) or ``covsvd`` (attach + save)."""
     import covsvd
-    from covsvd.init import init_adapters
-    from covsvd.peft_export import export_peft
+    from covsvd.adapt.init import init_adapters
+    from covsvd.export.peft import export_peft
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -349,7 +350,7 @@ VERBS: list[Callable] = [add_capture, add_init]
 
 
 def extension_verbs() -> list[Callable]:
-    """The ``add(subparsers)`` functions registered under the ``covsvd.cli`` entry-point group, by name."""
+    """The ``add(subparsers)`` functions registered under the ``covsvd.cli.main`` entry-point group, by name."""
     return [ep.load() for ep in sorted(entry_points(group=ENTRY_POINTS), key=lambda ep: ep.name)]
 
 

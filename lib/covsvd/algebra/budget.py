@@ -1,6 +1,6 @@
-"""Ranks from spectra and costs under a budget: the pure part of :mod:`covsvd.allocate` (no modules, fp64).
+"""Ranks from spectra and costs under a budget: the pure part of :mod:`covsvd.adapt.allocate` (no modules, fp64).
 
-Notation as in :mod:`covsvd.allocate`: ``e_l(r)`` the dropped energy of layer l at rank r, ``c_l`` its cost per rank.
+Notation as in :mod:`covsvd.adapt.allocate`: ``e_l(r)`` the dropped energy of layer l at rank r, ``c_l`` its cost per rank.
 
 Rules (:data:`RULES`):
 
@@ -41,7 +41,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .checks import check_choice, check_count
+from ..util.checks import check_choice, check_count
 
 #: Parameters one rank costs: ``"lora"`` ``d_in + d_out`` (a LoRA A/B pair), ``"gain"`` 1 (the gain ``g``).
 COSTS = ("lora", "gain")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_count, check_rank
+from ..util.checks import check_count, check_rank
 
 #: Use the QR route when max(m, n) >= QR_RATIO * min(m, n) (measured faster from 1.5 on).
 QR_RATIO = 1.5

@@ -1,4 +1,4 @@
-"""The Gram product ``x^T x`` and the O(d) column sums that :class:`~covsvd.moments.MomentAccumulator` adds per
+"""The Gram product ``x^T x`` and the O(d) column sums that :class:`~covsvd.capture.moments.MomentAccumulator` adds per
 batch: pure tensor functions, ``out`` tensors fp64 and updated in place.
 
 Only the upper block triangle of ``x^T x`` is multiplied (the matrix is symmetric), one GEMM per panel of rows
