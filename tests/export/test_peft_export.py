@@ -6,7 +6,7 @@ Cross-checked against peft itself (installed in the test extras):
 * metric ``identity``: B A equals the product of peft's ``init_lora_weights="pissa"`` (exact SVD);
 * metric ``corda``: B A equals peft's CorDA init given the same covariance: peft's own collection over one
   unpadded sequence per call with its per-sequence ``1 / max(x)`` scaling neutralised (as bench/capture.py
-  does), damped as peft damps (``eps=0.01`` relative, tests/core/test_orient_peft.py);
+  does), damped as peft damps (``eps=0.01`` relative, tests/algebra/test_orient_peft.py);
 * peft's module matching (target_modules, rank_pattern) selects exactly the exported layers.
 """
 

@@ -1,6 +1,6 @@
 """The core CLI (``covsvd capture`` / ``covsvd init``) on tiny random decoder LLMs saved to disk: its files equal
 the library calls, a 2-process torchrun (gloo) writes the single-process file, and bad input exits 1 with a
-message and writes nothing. The lab's verbs are tested in tests/lab/test_cli.py."""
+message and writes nothing. The lab's verbs are tested in tests/lab/test_lab_cli.py."""
 
 from __future__ import annotations
 
