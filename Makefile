@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[lab,data,test]'
+	$(PY) -m pip install --quiet -e '.[lab,data,peft,quant,test]'
 	touch $@
 
 ## make test: the whole suite (algebra properties, capture vs brute force, notebooks in quick mode)
