@@ -187,11 +187,7 @@ def run(args: argparse.Namespace) -> dict:
         time.sleep(1.0)
         png = driver.get_screenshot_as_png()
 
-        def write(tmp: str) -> None:
-            Path(tmp).write_bytes(png)
-            os.chmod(tmp, 0o644)  # mkstemp's temporary is 0600
-
-        atomic_write(args.out, write)
+        atomic_write(args.out, lambda tmp: Path(tmp).write_bytes(png))
         if not args.out.is_file() or args.out.stat().st_size < 10_000:
             raise CheckFailed(f"the screenshot {args.out} is missing or empty")
         times["screenshot"] = time.monotonic() - t0

@@ -16,6 +16,7 @@ import polars as pl
 import pytest
 
 from covsvd.lab import ablate as ab
+from covsvd.util.files import current_umask
 
 # ------------------------------------------------------------------------------------------ row file
 
@@ -37,7 +38,7 @@ def test_append_row_never_duplicates_a_key_and_keeps_other_rows(tmp_path):
     assert [(r["config_hash"], r["seed"], r["score_after"]) for r in rows] == [
         ("h0", "0", "0.5"), ("h0", "1", "0.5"), ("h1", "0", "0.5")]
     assert [p.name for p in tmp_path.joinpath("sub").iterdir()] == ["rows.csv"]  # no temp or lock file left
-    assert out.stat().st_mode & 0o777 == 0o644  # a normal data file, not mkstemp's 0600
+    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # what open() gives, not mkstemp's 0600
 
 
 def test_concurrent_writers_lose_no_row(tmp_path):

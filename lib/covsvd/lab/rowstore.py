@@ -81,7 +81,6 @@ def append_row(path: str | os.PathLike, row: dict) -> bool:
         if any(tuple(r[k] for k in KEY) == key for r in rows):
             return False
         rows.append({k: _cell(row[k]) for k in COLUMNS})
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp would leave 0600
 
         def write(tmp: str) -> None:
             with open(tmp, "w", newline="") as fh:
@@ -90,7 +89,6 @@ def append_row(path: str | os.PathLike, row: dict) -> bool:
                 w.writerows(rows)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.chmod(tmp, mode)
 
         atomic_write(path, write)
     return True
