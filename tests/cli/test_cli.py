@@ -4,7 +4,6 @@ message and writes nothing. The lab's verbs are tested in tests/lab/test_lab_cli
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,13 +20,6 @@ from covsvd.data.textfiles import prompt_batches, text_batches
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORDS = "the model reads calibration text and every token counts once unless it is padding".split()
-
-
-def missing(module: str) -> bool:
-    return importlib.util.find_spec(module) is None
-
-
-needs_init = pytest.mark.skipif(missing("covsvd.adapt.init"), reason="covsvd.adapt.init.init_adapters is not written yet")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -203,7 +195,8 @@ def test_init_covsvd_from_a_moments_file_equals_attach(tmp_path, llama_dir, data
 
 
 def test_init_peft_reproduces_the_model(tmp_path, gpt2_dir, data):
-    peft = pytest.importorskip("peft")
+    import peft
+
     out = tmp_path / "export"
     argv = init_argv(gpt2_dir, out, "--data", str(data), "--seq-len", "16", "--metric", "full", "--format", "peft")
     assert cli.main(argv) == 0
@@ -216,7 +209,6 @@ def test_init_peft_reproduces_the_model(tmp_path, gpt2_dir, data):
     assert cli.main(argv) == 1 and cli.main([*argv, "--moments", str(data), "--overwrite"]) == 1  # not both
 
 
-@needs_init
 def test_init_streaming_equals_capture_then_attach(tmp_path, llama_dir, data):
     streamed, whole = tmp_path / "s.safetensors", tmp_path / "w.safetensors"
     common = ("--data", str(data), "--seq-len", "16", "--batch-size", "4", "--format", "covsvd", "--metric", "full")

@@ -31,7 +31,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def write_parquet(path: Path, columns: dict[str, list]) -> Path:
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table(columns), path)

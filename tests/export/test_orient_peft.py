@@ -15,13 +15,11 @@ peft computes in fp32, so agreement is to fp32 accuracy (our side runs in fp64).
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.corda import collect_eigens_for_layer
 from torch import nn
 
 from covsvd import SecondMoment, orient
-
-peft = pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from peft.tuners.lora.corda import collect_eigens_for_layer  # noqa: E402
 
 F64 = torch.float64
 

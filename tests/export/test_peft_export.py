@@ -22,6 +22,8 @@ import torch
 from conftest import padded_batches, tiny_bert, tiny_gpt2
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file
 from torch import nn
 
@@ -32,10 +34,6 @@ from covsvd.data.targets import Conv1D, weight_matrix
 from covsvd.export.lora_delta import export_lora_delta
 from covsvd.export.peft import check_peft_names, export_peft
 from covsvd.util.digest import state_digest
-
-peft = pytest.importorskip("peft")
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.tuners.tuners_utils import check_target_module_exists  # noqa: E402
 
 F64 = torch.float64
 OUTPUT_TOL = 1e-5  # relative, fp32 (the bound)

@@ -13,17 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import covsvd
 from covsvd.adapt.attach import adapters, attach_adapters, detach_adapters, disable_adapters
 from covsvd.algebra.measures import max_relative_error
 from covsvd.export.lora_delta import export_lora_delta
 from covsvd.export.peft import export_peft
-
-peft = pytest.importorskip("peft")
-from peft import PeftModel  # noqa: E402
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 OUTPUT_TOL = 1e-5  # relative, fp32
 STEPS = 5

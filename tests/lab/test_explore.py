@@ -144,7 +144,7 @@ def test_draw_and_png(setup):
 
 
 def test_widget_wiring_updates_the_view(setup):
-    pytest.importorskip("ipywidgets")
+    import ipywidgets  # noqa: F401  (the test extra installs it: a missing one fails)
     model, cal, held = setup
     app = explore(model, cal, held, layer=LAYER, r=8)
     assert isinstance(app, ExplorerApp) and app.view.state == State(LAYER, "full", 8, 1e-3, "diag")
