@@ -16,7 +16,7 @@ export MPLBACKEND := Agg
 # session does (bench/results/capture_passive.md has capture under PASSIVE, as `make lab` runs it).
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: venv test test-fast figures figures-quick lab bench bench-llm ablations ablations-quick lint clean-venv
+.PHONY: venv test test-fast figures figures-quick lab bench bench-llm ablations ablations-quick docs lint clean-venv
 
 venv: $(STAMP)
 
@@ -64,6 +64,10 @@ ablations: $(STAMP)
 
 ablations-quick: $(STAMP)
 	$(PY) -m covsvd ablate --quick
+
+## make docs: regenerate docs/layout.md and docs/api.md from the sources (tests/test_docs.py checks them)
+docs: $(STAMP)
+	$(PY) docs/make_docs.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,6 @@
 """data/published/*.csv hold exactly the published numbers of docs/algebra.md ("Published results"), each row with its source.
 
-The values are written out here by hand from docs/algebra.md ("Published results") and issue 4, so a
+The values are written out here by hand from docs/algebra.md ("Published results"), so a
 typo in a CSV, a dropped row or an edit that changes a number fails. Unstated facts stay empty in the
 CSVs: the seed of every arm but AntiPaSTO-rot (V) (seed 0), the rank of IA3 (it has none), the metric
 of the rot/ablate/dplr arms, the n behind "valid %", and the dataset of CorDA's Table 6.

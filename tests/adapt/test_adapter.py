@@ -30,7 +30,7 @@ from covsvd.data.targets import Conv1D, weight_matrix
 
 METRICS = ("identity", "diag", "asvd", "full", "corda")
 ARMS = (None, "V", "U", "both")
-IDENTITY_TOL = 1e-5  # relative, fp32 (the bound)
+IDENTITY_TOL = 1e-5  # relative, fp32
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: see conftest.one_thread

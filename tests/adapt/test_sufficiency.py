@@ -1,4 +1,4 @@
-"""Calibration sufficiency (issue 14, part 3): split-half principal angles and the count < d_in warning.
+"""Calibration sufficiency: split-half principal angles and the count < d_in warning.
 
 Properties: identical halves give zero angles; the angles are symmetric in the halves and blind to a rescaled C
 (relative eps); for independent draws from one distribution they shrink like n^-1/2 with the tokens; the

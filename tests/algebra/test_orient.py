@@ -1,7 +1,7 @@
-"""Orientation algebra as properties (issue 3, items 1-5): exact residual, Eckart-Young under the metric,
+"""Orientation algebra as properties: exact residual, Eckart-Young under the metric,
 diag as the diagonal case of full, eps changes the basis but never the identity, M-orthonormal P, the
-Cholesky teaching form, the exact QR-first SVD, the Lanczos cond estimate, and the validation errors. Issue 12,
-item 5: the default (relative) eps makes orientation invariant to the scale of the inputs; absolute does not.
+Cholesky teaching form, the exact QR-first SVD, the Lanczos cond estimate, and the validation errors. The
+default (relative) eps makes orientation invariant to the scale of the inputs; absolute does not.
 
 Data: W with spread singular values; C = X^T X / n from n samples x = z diag(scales) R (R orthogonal,
 scales log-spread over ``cond_exp`` decades), as a SecondMoment, so every metric (asvd included) sees the

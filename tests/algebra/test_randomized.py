@@ -1,4 +1,4 @@
-"""The randomized SVD route (issue 12, item 7) and the device / TF32 rules of orient (item 6).
+"""The randomized SVD route and the device / TF32 rules of orient.
 
 ``covsvd.algebra.svd.randomized_svd`` against the exact SVD: determinism for a seed, orthonormal factors,
 ``U^T A = S Vh``, exactness when the sketch spans the range, and the truncation error against the optimal tail

@@ -16,7 +16,7 @@ import covsvd
 from covsvd.capture.hooks import InputHooks
 from covsvd.capture.rows import RowBuffers, TokenRows, contiguous_runs
 
-TOL = 1e-10  # relative, fp64 accumulation vs fp64 brute force (the bound)
+TOL = 1e-10  # relative, fp64 accumulation vs fp64 brute force
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

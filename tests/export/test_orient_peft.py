@@ -1,4 +1,4 @@
-"""Issue 3, item 6: independent implementations agree (huggingface/peft, installed in the test extras).
+"""Independent implementations agree (huggingface/peft, installed in the test extras).
 
 * metric ``corda`` vs peft's ``collect_eigens_for_layer`` (peft/tuners/lora/corda.py). peft damps with
   ``C + damp * mean(diag C) * I``, ``damp = 0.01`` (doubled only while ``||M M^{-1} - I|| >= 0.05``), takes

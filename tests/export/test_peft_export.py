@@ -1,4 +1,4 @@
-"""Issue 13: covsvd inits as peft LoRA adapters (export_peft), and trained adapters back (export_lora_delta).
+"""covsvd inits as peft LoRA adapters (export_peft), and trained adapters back (export_lora_delta).
 
 Cross-checked against peft itself (installed in the test extras):
 * ``PeftModel.from_pretrained(base, adapter)`` reproduces the original model (BERT default model, GPT-2 Conv1D,
@@ -36,7 +36,7 @@ from covsvd.export.peft import check_peft_names, export_peft
 from covsvd.util.digest import state_digest
 
 F64 = torch.float64
-OUTPUT_TOL = 1e-5  # relative, fp32 (the issue's bound)
+OUTPUT_TOL = 1e-5  # relative, fp32
 PEFT_TOL = 1e-4  # B A vs peft's own init (peft factors in fp32)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

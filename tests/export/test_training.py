@@ -1,15 +1,14 @@
-"""Issue 13, item 3: covsvd inits in the standard training loop (transformers.Trainer, CPU, a tiny Llama).
+"""covsvd inits in the standard training loop (transformers.Trainer, CPU, a tiny Llama).
 
 (a) the peft model from export_peft and (b) covsvd's own bounded-gain adapters each train a few steps:
 the loss falls, only adapter parameters change, the checkpoint Trainer writes reloads to the same outputs;
 (b) with adapters disabled gives the original outputs, and export_lora_delta turns (b) into a rank-r LoRA
-on the original base. test_readme_use_it_with_peft runs README's "Use it with peft" lines verbatim.
+on the original base. README.md's "Use it with peft" block runs as written in tests/test_readme.py.
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -140,30 +139,3 @@ def test_covsvd_adapters_train_under_trainer_and_export_a_rank_r_lora(case, tmp_
     for (k, v), (k2, v2) in zip(merged.state_dict().items(), model.state_dict().items(), strict=True):
         assert k == k2 and max_relative_error(v, v2) <= 1e-6, k
     assert not adapters(model)
-
-
-def readme_block(heading: str) -> str:
-    """The first ```python block under ``heading`` in README.md."""
-    text = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    section = text.split(heading + "\n", 1)[1]
-    return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_readme_use_it_with_peft(case, tmp_path, monkeypatch):
-    """README.md "Use it with peft" runs the lines between the markers verbatim (paths relative to a tmp cwd)."""
-    original, _, data = case
-    model, batches = copy.deepcopy(original), [batched(data)]
-    monkeypatch.chdir(tmp_path)
-
-    ns = dict(covsvd=covsvd, model=model, batches=batches, data=data, AutoModelForCausalLM=AutoModelForCausalLM,
-              PeftModel=PeftModel, TrainingArguments=TrainingArguments, Trainer=Trainer)
-    exec(compile(readme_block("## Use it with peft"), "README.md", "exec"), ns)  # the README's lines, verbatim
-    lora, model = ns["lora"], ns["model"]
-
-    batch = batched(data)
-    y0 = logits(original, batch)
-    for trained, lora_dir in ((lora, "lora"), (model, "lora_r")):
-        y = logits(trained, batch)
-        assert max_relative_error(y, y0) > 10 * OUTPUT_TOL  # one step moved it
-        on_original = PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / lora_dir)
-        assert max_relative_error(logits(on_original, batch), y) <= OUTPUT_TOL, lora_dir

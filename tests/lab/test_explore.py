@@ -1,4 +1,4 @@
-"""The explorer (issue 14, part 4), headless: its pure update (Explorer.view) against covsvd.orient,
+"""The explorer, headless: its pure update (Explorer.view) against covsvd.orient,
 functional_error and principal_angles; the all-ranks error curve against functional_error and
 truncation_curve; the cache; the drawing; and the widget wiring (controls -> state -> view), without a browser.
 """
