@@ -339,7 +339,7 @@ def init_bench(args) -> dict:
         from covsvd.adapt.init import init_adapters
 
         phase("streaming init_adapters full (layerwise)", lambda: init_adapters(
-            model, batches, args.r, "full", layerwise=True, progress=False))
+            model, batches, args.r, "full", progress=False))
         covsvd.detach_adapters(model)
     if not args.no_peft:
         print("  peft CorDA preprocessing ...", flush=True)

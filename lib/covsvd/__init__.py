@@ -48,12 +48,14 @@ from .algebra.measures import functional_error, identity_error, principal_angles
 from .algebra.orient import METRICS, Oriented, orient
 from .capture.cache import cache_path, cached_capture
 from .capture.files import load_moments, save_moments
-from .capture.hooked import MomentCapture, capture_moments
+from .capture.hooked import MomentCapture
 from .capture.layerwise import find_blocks, iter_block_moments
 from .capture.memory import MemoryEstimate, estimate_memory
 from .capture.moments import SecondMoment
+from .capture.run import capture_moments
 from .data.corpus import calibration_batches, count_tokens, passages
-from .data.models import default_model_path, load_default_model, load_model, model_identity
+from .data.fingerprint import model_identity
+from .data.models import default_model_path, load_default_model, load_model
 from .data.targets import find_targets, weight_matrix
 from .data.textfiles import prompt_batches, read_texts, text_batches
 from .export.lora_delta import export_lora_delta

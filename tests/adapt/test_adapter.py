@@ -276,18 +276,18 @@ def test_save_load_round_trip_is_exact(tmp_path):
     src = _attached("gpt2")
     randomize(src)
     y = output(src, batch)
-    meta = save_adapters(tmp_path / "a.safetensors", src)
+    meta = save_adapters(src, tmp_path / "a.safetensors")
     assert meta["metric"] == "full" and meta["r"] == "8" and meta["rotate"] == "both"
     assert "fingerprint" in meta["model_identity"] and meta["covsvd_version"] == covsvd.__version__
 
     plain = tiny("gpt2")  # same seed: the same base weights, no adapters, no moments needed
-    names = load_adapters(tmp_path / "a.safetensors", plain)
+    names = load_adapters(plain, tmp_path / "a.safetensors")
     assert names == list(adapters(src))
     assert torch.equal(output(plain, batch), y)
     assert trainable_parameters(plain) == trainable_parameters(src)
 
     other = _attached("gpt2")  # adapters attached already: a full file overwrites all their tensors
-    load_adapters(tmp_path / "a.safetensors", other)
+    load_adapters(other, tmp_path / "a.safetensors")
     assert torch.equal(output(other, batch), y)
 
     detach_adapters(plain)  # and a loaded model detaches back to its base weights
@@ -298,19 +298,19 @@ def test_trainable_only_file(tmp_path):
     batch = token_batches(1, seed=5)[0]
     src = _attached("llama")
     randomize(src)
-    save_adapters(tmp_path / "t.safetensors", src, trainable_only=True)
+    save_adapters(src, tmp_path / "t.safetensors", contents="trainable")
     same = _attached("llama")  # same moments and settings: the same frozen factors
-    load_adapters(tmp_path / "t.safetensors", same)
+    load_adapters(same, tmp_path / "t.safetensors")
     assert torch.equal(output(same, batch), output(src, batch))
     plain = tiny("llama")
     snap = snapshot(plain)
     with pytest.raises(ValueError, match="trainable-only file needs the same adapters attached"):
-        load_adapters(tmp_path / "t.safetensors", plain)
+        load_adapters(plain, tmp_path / "t.safetensors")
     assert_untouched(plain, snap)
     diff = _attached("llama", metric="diag")  # other frozen factors
     snap = snapshot(diff)
     with pytest.raises(ValueError, match="frozen_digest"):
-        load_adapters(tmp_path / "t.safetensors", diff)
+        load_adapters(diff, tmp_path / "t.safetensors")
     assert_untouched(diff, snap)
 
 
@@ -318,10 +318,10 @@ def test_trainable_only_file(tmp_path):
                                   "not covsvd"])
 def test_mismatched_file_raises_and_leaves_the_model_alone(tmp_path, case):
     path = tmp_path / "a.safetensors"
-    save_adapters(path, _attached("gpt2"))
+    save_adapters(_attached("gpt2"), path)
     make, match = {
-        "other model": (lambda: tiny("llama"), "saved from another model"),
-        "other weights": (lambda: tiny("gpt2", seed=1), "base_digest"),  # same architecture, other values
+        "other model": (lambda: tiny("llama"), "different model"),
+        "other weights": (lambda: tiny("gpt2", seed=1), "other weights of the same architecture"),
         "other targets": (lambda: _attached("gpt2", targets=r".*c_attn"), "only in file"),
         "other r": (lambda: _attached("gpt2", r=4), "'r'"),
         "other rotate": (lambda: _attached("gpt2", rotate="V"), "'rotate'"),
@@ -334,7 +334,7 @@ def test_mismatched_file_raises_and_leaves_the_model_alone(tmp_path, case):
         save_file({"x": torch.zeros(2)}, path)
     snap = snapshot(model)
     with pytest.raises(ValueError, match=match):
-        load_adapters(path, model)
+        load_adapters(model, path)
     assert_untouched(model, snap)
 
 
@@ -404,7 +404,7 @@ def test_every_validation_error_leaves_the_model_untouched(case, monkeypatch):
     elif edit is not None:
         edit(moments, last)
     if which == "attached":  # the last layer carries an adapter already
-        attach_adapters(model, None, r=4, targets=[last], progress=False)
+        attach_adapters(model, None, r=4, metric="identity", targets=[last], progress=False)
     model.get_submodule(names[0]).bias.requires_grad_(False)
     snap = snapshot(model)
     with pytest.raises((ValueError, RuntimeError), match=match) as info:
@@ -445,7 +445,7 @@ def test_identity_at_init_default_model_every_layer(default_model):
     base, tok = default_model
     batch = covsvd.calibration_batches(tok, split="heldout", seq_len=32, batch_size=4, max_tokens=96)[0]
     model = copy.deepcopy(base)
-    report = attach_adapters(model, None, r=32, rotate="both", dtype=torch.bfloat16, progress=False)
+    report = attach_adapters(model, None, r=32, metric="identity", rotate="both", dtype=torch.bfloat16, progress=False)
     assert len(report.rows) == 37 == len(adapters(model))
     assert all(a.U.dtype == torch.bfloat16 and a.W_res.dtype == torch.float32 for a in adapters(model).values())
     assert rel(output(model, batch), output(base, batch)) <= IDENTITY_TOL
@@ -476,7 +476,7 @@ def test_bf16_tight_residual_beats_the_naive_one(bert_case):
 
 def test_conv1d_class_is_restored():
     model = tiny("gpt2")
-    attach_adapters(model, None, r=4, targets=r".*c_fc", progress=False)
+    attach_adapters(model, None, r=4, metric="identity", targets=r".*c_fc", progress=False)
     assert all(isinstance(m, BoundedGainLinear) for n, m in model.named_modules() if n.endswith("c_fc"))
     detach_adapters(model)
     assert all(type(m) is Conv1D for n, m in model.named_modules() if n.endswith("c_fc"))
@@ -504,9 +504,9 @@ def test_dict_r_gives_each_layer_its_rank(tmp_path):
     batch = token_batches(1, seed=99)[0]
     assert rel(output(model, batch), output(base, batch)) <= IDENTITY_TOL
     randomize(model)
-    save_adapters(tmp_path / "a.safetensors", model)  # mixed ranks round-trip through a file
+    save_adapters(model, tmp_path / "a.safetensors")  # mixed ranks round-trip through a file
     plain = copy.deepcopy(base)
-    load_adapters(tmp_path / "a.safetensors", plain)
+    load_adapters(plain, tmp_path / "a.safetensors")
     assert {n: a.r for n, a in adapters(plain).items()} == ranks
     assert torch.equal(output(plain, batch), output(model, batch))
 

@@ -209,7 +209,7 @@ QUERY, FFN_OUT = "encoder.layer.0.attention.self.query", "encoder.layer.1.output
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(budget=10), "below the"),
-    (dict(r_max=40), r"layer 'encoder\.layer\.0\.attention\.self\.query'.*beyond min\(d_out, d_in\) = 32"),
+    (dict(r_max=40), r"layer 'encoder\.layer\.0\.attention\.self\.query'.*r=40 exceeds min\(d_out, d_in\)"),
     (dict(cost="dora"), "cost='dora'"),
     (dict(rule="best"), "rule='best'"),
     (dict(metric="pca"), "metric='pca'"),

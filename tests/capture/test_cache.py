@@ -9,6 +9,7 @@ import torch
 
 import covsvd
 from covsvd.capture.cache import cache_path
+from covsvd.capture.options import CaptureOptions
 
 
 def test_hit_equals_fresh_capture(bert_tiny, make_batches, tmp_path):
@@ -29,8 +30,9 @@ def test_hit_equals_fresh_capture(bert_tiny, make_batches, tmp_path):
     assert again[q] is again[k]  # sharing survives the round trip
 
 
-def cache_key(model, batches, kind, targets, accumulate):
-    return cache_path(model, batches, targets, kind, accumulate, cache_dir=".").name
+def cache_key(model, batches, kind, targets, accumulate, token_mask=None):
+    options = CaptureOptions(kind=kind, accumulate=accumulate, token_mask=token_mask)
+    return cache_path(model, batches, targets, options, cache_dir=".").name
 
 
 def test_key_changes_with_data_weights_kind_and_targets(bert_tiny, make_batches):
@@ -42,6 +44,7 @@ def test_key_changes_with_data_weights_kind_and_targets(bert_tiny, make_batches)
     assert base != cache_key(bert_tiny, batches, "diag", None, "float64")
     assert base != cache_key(bert_tiny, batches, "full", r".*dense", "float64")
     assert base != cache_key(bert_tiny, batches, "full", None, "float32")
+    assert base != cache_key(bert_tiny, batches, "full", None, "float64", token_mask="attention_mask")
     other = copy.deepcopy(bert_tiny)
     with torch.no_grad():
         other.encoder.layer[0].output.dense.weight[0, 0] += 1.0
@@ -51,3 +54,9 @@ def test_key_changes_with_data_weights_kind_and_targets(bert_tiny, make_batches)
 def test_predicate_targets_cannot_be_keyed(bert_tiny, make_batches, tmp_path):
     with pytest.raises(ValueError, match="predicate"):
         covsvd.cached_capture(bert_tiny, make_batches([[4]]), targets=lambda n, m: True, cache_dir=tmp_path)
+
+
+def test_a_callable_token_mask_cannot_be_keyed(bert_tiny, make_batches, tmp_path):
+    with pytest.raises(ValueError, match="callable token_mask"):
+        covsvd.cached_capture(bert_tiny, make_batches([[4]]), token_mask=lambda b: b["attention_mask"] > 0,
+                              cache_dir=tmp_path)

@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         model = tiny_bert()  # same seed: same weights in every process
         shard = padded_batches(LENGTHS, seed=3)[rank::world]  # this process's half of the data
         moments = covsvd.capture_moments(model, shard, progress=False, all_reduce=True)
-        covsvd.save_moments(os.path.join(out_dir, f"rank{rank}.safetensors"), moments)
+        covsvd.save_moments(moments, os.path.join(out_dir, f"rank{rank}.safetensors"))
         # processes holding different layers must fail loudly, not hang or sum unrelated tensors
         names = list(moments)[: 3 + rank]
         try:

@@ -15,7 +15,7 @@ def captured(bert_tiny, make_batches):
 
 
 def test_round_trip_is_exact_and_keeps_sharing(tmp_path, bert_tiny, captured):
-    path = covsvd.save_moments(tmp_path / "m.safetensors", captured)
+    path = covsvd.save_moments(captured, tmp_path / "m.safetensors")
     loaded = covsvd.load_moments(path, model=bert_tiny)
     assert list(loaded) == list(captured)
     for name, m in captured.items():
@@ -35,22 +35,41 @@ def test_round_trip_is_exact_and_keeps_sharing(tmp_path, bert_tiny, captured):
 
 def test_diag_round_trip(tmp_path, bert_tiny, make_batches):
     diag = covsvd.capture_moments(bert_tiny, make_batches([[4, 2]]), kind="diag", progress=False)
-    loaded = covsvd.load_moments(covsvd.save_moments(tmp_path / "d.safetensors", diag))
+    loaded = covsvd.load_moments(covsvd.save_moments(diag, tmp_path / "d.safetensors"))
     assert all(torch.equal(loaded[n].sum_xx, diag[n].sum_xx) and loaded[n].kind == "diag" for n in diag)
 
 
 def test_other_model_is_refused(tmp_path, captured, gpt2_tiny):
-    path = covsvd.save_moments(tmp_path / "m.safetensors", captured)
+    path = covsvd.save_moments(captured, tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="different model"):
         covsvd.load_moments(path, model=gpt2_tiny)
-    with pytest.raises(ValueError, match="captured from"):
-        covsvd.save_moments(tmp_path / "x.safetensors", captured, model=gpt2_tiny)
+    with pytest.raises(ValueError, match="different model"):
+        covsvd.save_moments(captured, tmp_path / "x.safetensors", model=gpt2_tiny)
+
+
+def test_moments_of_other_weights_are_refused_unless_asked(tmp_path, captured, bert_tiny):
+    """A fine-tune has the base's architecture: only the weights fingerprint tells them apart."""
+    import copy
+
+    path = covsvd.save_moments(captured, tmp_path / "m.safetensors", model=bert_tiny)
+    tuned = copy.deepcopy(bert_tiny)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.mul_(1.01)
+    with pytest.raises(ValueError, match="other weights of the same architecture.*check_weights=False"):
+        covsvd.load_moments(path, model=tuned)
+    loaded = covsvd.load_moments(path, model=tuned, check_weights=False)  # the named override
+    assert sorted(loaded) == sorted(captured)
+    with pytest.raises(ValueError, match="other weights"):
+        covsvd.save_moments(captured, tmp_path / "t.safetensors", model=tuned)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        covsvd.save_moments(captured, path)
 
 
 def test_corrupt_truncated_and_foreign_files_raise(tmp_path, captured):
     from safetensors.torch import save_file
 
-    path = covsvd.save_moments(tmp_path / "m.safetensors", captured)
+    path = covsvd.save_moments(captured, tmp_path / "m.safetensors")
     data = bytearray(path.read_bytes())
     flipped = tmp_path / "flipped.safetensors"
     data[-9] ^= 0xFF  # a byte of tensor data
@@ -76,7 +95,7 @@ def test_corrupt_truncated_and_foreign_files_raise(tmp_path, captured):
 def test_failed_write_keeps_the_old_file(tmp_path, captured, monkeypatch):
     import safetensors.torch
 
-    path = covsvd.save_moments(tmp_path / "m.safetensors", captured)
+    path = covsvd.save_moments(captured, tmp_path / "m.safetensors")
     before = path.read_bytes()
 
     def broken(tensors, filename, metadata=None):
@@ -86,17 +105,17 @@ def test_failed_write_keeps_the_old_file(tmp_path, captured, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
-        covsvd.save_moments(path, captured)
+        covsvd.save_moments(captured, path, overwrite=True)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
 def test_hand_made_moments_save_without_identity(tmp_path, bert_tiny):
     m = covsvd.SecondMoment.from_rows(torch.randn(5, 3))
-    path = covsvd.save_moments(tmp_path / "h.safetensors", {"x": m})
+    path = covsvd.save_moments({"x": m}, tmp_path / "h.safetensors")
     assert read_metadata(path)["model"] is None
     assert covsvd.load_moments(path)["x"].count == 5
     with pytest.raises(ValueError, match="no model identity"):
         covsvd.load_moments(path, model=bert_tiny)
     with pytest.raises(ValueError, match="empty"):
-        covsvd.save_moments(tmp_path / "e.safetensors", {})
+        covsvd.save_moments({}, tmp_path / "e.safetensors")

@@ -179,7 +179,7 @@ def test_init_covsvd_from_a_moments_file_equals_attach(tmp_path, llama_dir, data
     model, _ = load(llama_dir)
     covsvd.attach_adapters(model, covsvd.load_moments(moments_file, model), 4, "full", progress=False)
     fresh, _ = load(llama_dir)
-    covsvd.load_adapters(out, fresh)
+    covsvd.load_adapters(fresh, out)
     ids = torch.randint(100, 2000, (2, 7))
     with torch.no_grad():
         assert rel(fresh(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-6
@@ -216,8 +216,8 @@ def test_init_streaming_equals_capture_then_attach(tmp_path, llama_dir, data):
     assert cli.main(init_argv(llama_dir, whole, *common)) == 0
     a, _ = load(llama_dir)
     b, _ = load(llama_dir)
-    covsvd.load_adapters(streamed, a)
-    covsvd.load_adapters(whole, b)
+    covsvd.load_adapters(a, streamed)
+    covsvd.load_adapters(b, whole)
     for (na, x), (nb, y) in zip(covsvd.adapters(a).items(), covsvd.adapters(b).items(), strict=True):
         assert na == nb
         assert rel(x.dense_weight(trained=False), y.dense_weight(trained=False)) <= 1e-6, na

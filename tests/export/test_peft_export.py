@@ -340,7 +340,7 @@ def _bad(case, tmp_path):
     elif case == "r dict mismatch":
         kw = dict(r={q: 4}, metric="identity", targets=[q, q.replace("query", "key")])
     elif case == "adapters attached":
-        attach_adapters(model, None, r=2, targets=[q], progress=False)
+        attach_adapters(model, None, r=2, metric="identity", targets=[q], progress=False)
     elif case == "quantized model":
         model.hf_quantizer = types.SimpleNamespace(quantization_config=types.SimpleNamespace(quant_method="bnb"))
     elif case == "storage_dtype":
@@ -353,7 +353,7 @@ BAD = {
     "meta": r"query.*meta device",
     "not a transformers model": "PreTrainedModel",
     "mha out_proj": r"attn\.out_proj.*MultiheadAttention",
-    "another model's moments": r"query.*another model.*fingerprint",
+    "another model's moments": r"query.*different model",
     "tied weights": r"lm_head.*\(Linear W \(97, 32\)\).*tied",
     "missing moments": r"query.*capture_moments",
     "r too large": r"r=33 must be an int in \[1, min\(d_out, d_in\)\] = \[1, 32\]",
@@ -433,7 +433,7 @@ def test_lora_delta_bad_input(bert_tiny, tmp_path):
     with pytest.raises(ValueError, match="no covsvd adapters"):
         export_lora_delta(bert_tiny, tmp_path / "x")
     model = copy.deepcopy(bert_tiny)
-    attach_adapters(model, None, r=2, targets=r".*query", progress=False)
+    attach_adapters(model, None, r=2, metric="identity", targets=r".*query", progress=False)
     (tmp_path / "x").mkdir()
     with pytest.raises(FileExistsError):
         export_lora_delta(model, tmp_path / "x")

@@ -39,8 +39,8 @@ from ..algebra.budget import (
 from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE
 from ..algebra.orient import metric_factor, right_factor
 from ..algebra.validate import METRICS, moment_parts
-from ..data.targets import find_targets, in_out_features, weight_matrix
 from ..util.checks import check_choice, check_count, check_weight, where
+from .plan import plan_targets
 
 F64 = torch.float64
 
@@ -83,40 +83,17 @@ def metric_spectrum(
 # -------------------------------------------------------------------------------------- model-facing
 
 
-def _names(model: nn.Module, moments, metric: str, targets) -> list[str]:
-    if targets is not None:
-        return find_targets(model, targets)
-    if moments:
-        return find_targets(model, list(moments))
-    if metric != "identity":
-        raise ValueError(f"metric={metric!r} needs moments (covsvd.capture_moments(model, batches)); only "
-                         "metric='identity' can allocate without them")
-    return find_targets(model, None)
-
-
-def _checked_layers(model, moments, metric: str, targets, r_min: int, r_max: int | None) -> dict:
-    """``{name: (W (d_out, d_in), C)}`` for every target, each validated before any decomposition runs: ranks
-    ``r_min`` and ``r_max`` (``None``: k) within the layer's ``k = min(d_out, d_in)``, the moment present,
-    fitting, finite and holding ``>= r_max`` (or k) real tokens (what attach_adapters will require)."""
-    out = {}
-    for name in _names(model, moments, metric, targets):
-        module = model.get_submodule(name)
-        d_out, d_in = in_out_features(module)
-        k = min(d_out, d_in)
-        W = weight_matrix(module).detach()  # (d_out, d_in)
-        prefix = f"layer {name!r} (W ({d_out}, {d_in})): "
-        check_weight(W, prefix)
-        if r_min > k or (r_max is not None and r_max > k):
-            raise ValueError(f"{prefix}r_min={r_min} / r_max={r_max} beyond min(d_out, d_in) = {k}; use "
-                             f"r_max <= {k} or leave the layer out of targets")
-        C = None if metric == "identity" or moments is None else moments.get(name)
-        if metric != "identity" and C is None:
-            raise ValueError(f"{prefix}metric={metric!r} needs its second moment and moments has no entry for "
-                             f"it; capture it (covsvd.capture_moments(model, batches, targets=[{name!r}, ...])) "
-                             "or leave it out of targets")
-        moment_parts(C, metric, k if r_max is None else r_max, (d_out, d_in), prefix)
-        out[name] = (W, C)
-    return out
+def _checked_layers(model, moments, metric: str, targets, r_min: int, r_max: int | None,
+                    check_weights: bool) -> dict:
+    """``{name: (W (d_out, d_in), C)}`` for every target, each checked before any decomposition runs
+    (:func:`covsvd.adapt.plan.plan_targets` at rank ``r_max``, or each layer's ``k = min(d_out, d_in)``: the
+    moment present, fitting, finite and holding enough real tokens for the largest rank allowed)."""
+    plan = plan_targets(model, moments, r_max, metric, targets, check_weights=check_weights)
+    for t in plan.targets.values():
+        if r_min > min(t.shape):
+            raise ValueError(f"{t.where()}r_min={r_min} beyond min(d_out, d_in) = {min(t.shape)}; lower r_min or "
+                             "leave the layer out of targets")
+    return {n: (t.W, t.moment) for n, t in plan.targets.items()}
 
 
 def _spectra(layers: dict, metric: str, eps: float, eps_mode: str, solver: str, alpha: float,
@@ -137,6 +114,7 @@ def layer_spectra(
     alpha: float = 0.5,
     targets=None,
     progress: bool = True,
+    check_weights: bool = True,
 ) -> dict[str, torch.Tensor]:
     """``{name: metric_spectrum(W, moments[name], metric, ...)}`` (``(k,)`` fp64, descending) for every target.
 
@@ -145,8 +123,8 @@ def layer_spectra(
     (as :func:`metric_spectrum` would, naming it); the model is only read. ``progress``: a tqdm bar over layers.
     """
     check_choice("metric", metric, METRICS, "unknown ")
-    return _spectra(_checked_layers(model, moments, metric, targets, 1, 1), metric, eps, eps_mode, solver, alpha,
-                    progress)
+    return _spectra(_checked_layers(model, moments, metric, targets, 1, 1, check_weights), metric, eps, eps_mode,
+                    solver, alpha, progress)
 
 
 def allocate_ranks(
@@ -166,6 +144,7 @@ def allocate_ranks(
     solver: str = "cholesky",
     alpha: float = 0.5,
     progress: bool = True,
+    check_weights: bool = True,
 ) -> dict[str, int]:
     """``{name: r}`` for every target: how to spread ``budget`` trainable parameters over the layers.
 
@@ -183,8 +162,10 @@ def allocate_ranks(
             ``"threshold"`` (smallest r keeping ``energy`` of each layer's spectrum); module docstring.
         targets: a :func:`covsvd.find_targets` spec (default: the keys of ``moments``).
         progress: a tqdm bar over layers.
+        check_weights: the moments must come from this model's weights (the named override).
 
-    Every target is validated before any decomposition: its moment must exist, fit, be finite and hold at
+    A budget above what every layer at its largest rank costs is capped there. Every target is validated
+    before any decomposition: its moment must exist, fit, be finite and hold at
     least ``r_max`` (or k) real tokens, as :func:`covsvd.attach_adapters` will require of the ranks.
 
     Raises:
@@ -198,13 +179,15 @@ def allocate_ranks(
     check_rank_bounds(r_min, r_max, 1)  # attach_adapters needs r >= 1 in every layer
     if rule == "optimal" or budget is not None:
         check_count("budget", budget, 0)
-    layers = _checked_layers(model, moments, metric, targets, r_min, r_max)
+    layers = _checked_layers(model, moments, metric, targets, r_min, r_max, check_weights)
     costs = rank_costs({n: tuple(W.shape) for n, (W, _) in layers.items()}, cost)
     if rule == "optimal":  # fail on the budget before the decompositions
         forced = r_min * sum(costs.values())
         if forced > budget:
             raise ValueError(f"budget={budget} is below the {forced} parameters that r_min={r_min} costs over "
                              f"{len(costs)} layers (cost={cost!r}); raise the budget or lower r_min")
+        full = sum(costs[n] * (r_max or min(W.shape)) for n, (W, _) in layers.items())
+        budget = min(budget, full)  # more than every layer at its largest rank buys nothing
     spectra = _spectra(layers, metric, eps, eps_mode, solver, alpha, progress)
     if rule == "optimal":
         return optimal_ranks(spectra, costs, budget, r_min, r_max)

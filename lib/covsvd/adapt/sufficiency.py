@@ -33,8 +33,8 @@ from torch import nn
 from ..algebra.measures import principal_angles
 from ..algebra.orient import orient
 from ..algebra.validate import FULL_METRICS, METRICS
-from ..capture.hooked import capture_moments
 from ..capture.moments import SecondMoment
+from ..capture.run import capture_moments
 from ..data.targets import TargetSpec, weight_matrix
 from ..util.checks import check_choice
 

@@ -8,19 +8,21 @@ capture would give (fp64 sums, written atomically and checked on load by :mod:`c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from torch import nn
 
-from ..data.models import model_identity
+from ..data.fingerprint import model_identity
 from ..data.targets import TargetSpec
 from ..util.digest import batches_digest, json_digest, state_digest
 from ..version import __version__
 from .files import load_moments, save_moments
-from .hooked import capture_moments
 from .moments import SecondMoment
+from .options import CaptureOptions
+from .run import capture_moments
 
 
 def default_cache_dir() -> Path:
@@ -30,8 +32,9 @@ def default_cache_dir() -> Path:
 
 
 def model_key(model: nn.Module) -> str:
-    """What identifies a model's *numbers*: its structural fingerprint (:func:`covsvd.model_identity`) and 16 hex
-    digits of SHA-256 over every state-dict tensor, so two checkpoints of one architecture never share a key."""
+    """What identifies a model's *numbers*: its architecture fingerprint (:func:`covsvd.data.fingerprint.model_identity`)
+    and 16 hex digits of SHA-256 over every state-dict tensor, so two checkpoints of one architecture never share
+    a key."""
     return f"{model_identity(model)['fingerprint']}-{state_digest(model)[:16]}"
 
 
@@ -42,35 +45,33 @@ def _targets_spec(targets: TargetSpec):
     return sorted(spec) if isinstance(spec, Iterable) and not isinstance(spec, str) else spec
 
 
-def cache_path(model: nn.Module, batches: Sequence, targets: TargetSpec = None, kind: str = "full",
-               accumulate: str = "float64", cache_dir: str | os.PathLike | None = None) -> Path:
-    """The file :func:`cached_capture` reads or writes for these arguments (it need not exist)."""
-    key = dict(model=model_key(model), data=batches_digest(batches), kind=kind, targets=_targets_spec(targets),
-               accumulate=accumulate, version=__version__)
+def cache_path(model: nn.Module, batches: Sequence, targets: TargetSpec = None,
+               options: CaptureOptions | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The file :func:`cached_capture` reads or writes for these arguments (it need not exist): keyed by
+    :func:`model_key`, the batches' bytes, ``targets``, :meth:`CaptureOptions.key` and the covsvd version."""
+    options = options or CaptureOptions()
+    key = dict(model=model_key(model), data=batches_digest(batches), targets=_targets_spec(targets),
+               version=__version__, **options.key())
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return directory / f"moments-{json_digest(key, 24)}.safetensors"
 
 
-def cached_capture(
-    model: nn.Module,
-    batches: Iterable,
-    targets: TargetSpec = None,
-    kind: str = "full",
-    progress: bool = True,
-    *,
-    accumulate: str = "float64",
-    cache_dir: str | os.PathLike | None = None,
-) -> dict[str, SecondMoment]:
-    """:func:`covsvd.capture_moments`, read from / written to :func:`cache_path` (``cache_dir`` default
-    :func:`default_cache_dir`).
+def cached_capture(model: nn.Module, batches: Iterable, targets: TargetSpec = None, kind: str = "full",
+                   progress: bool = True, *, cache_dir: str | os.PathLike | None = None,
+                   **options) -> dict[str, SecondMoment]:
+    """:func:`covsvd.capture_moments` (same arguments and options), read from / written to :func:`cache_path`
+    (``cache_dir`` default :func:`default_cache_dir`).
 
     ``batches`` is materialised into a list (it is hashed, then captured). Returns what ``capture_moments``
-    returns. Raises ``ValueError`` for a predicate ``targets`` (a function cannot be keyed).
+    returns. Raises ``ValueError`` for a predicate ``targets`` or a callable ``token_mask`` (a function cannot
+    be keyed).
     """
+    opts = CaptureOptions.make(kind=kind, **options)
     batches = list(batches)
-    path = cache_path(model, batches, targets, kind, accumulate, cache_dir)
+    path = cache_path(model, batches, targets, opts, cache_dir)
     if path.is_file():
         return load_moments(path, model=model)
-    moments = capture_moments(model, batches, targets=targets, kind=kind, progress=progress, accumulate=accumulate)
-    save_moments(path, moments, model=model)
+    moments = capture_moments(model, batches, targets, progress=progress,
+                              **{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})
+    save_moments(moments, path, model=model, overwrite=True)
     return moments

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.models import model_identity
+from ..data.fingerprint import check_same_model, model_identity
 from ..util.digest import tensors_digest
 from ..util.files import atomic_write
 from ..version import __version__
@@ -27,24 +27,26 @@ FORMAT_VERSION = "1"
 _FIELDS = ("sum_xx", "sum_x", "sum_abs", "count")
 
 
-def _identity(moments: Mapping[str, SecondMoment], model) -> dict | None:
+def _identity(moments: Mapping[str, SecondMoment], model, check_weights: bool) -> dict | None:
     known = {json.dumps(m.model, sort_keys=True) for m in moments.values() if m.model is not None}
     if model is not None:
         ident = model_identity(model)
-        mismatch = known - {json.dumps(ident, sort_keys=True)}
-        if mismatch:
-            raise ValueError(f"these moments were captured from {sorted(mismatch)[0]}, not from {ident}")
+        for recorded in sorted(known):
+            check_same_model(json.loads(recorded), ident, "these moments",
+                             "save them with the model they were captured on", check_weights)
         return ident
     if len(known) > 1:
         raise ValueError(f"these moments come from {len(known)} different models: {sorted(known)}")
     return json.loads(known.pop()) if known else None
 
 
-def save_moments(path: str | os.PathLike, moments: Mapping[str, SecondMoment], model=None) -> Path:
+def save_moments(moments: Mapping[str, SecondMoment], path: str | os.PathLike, model=None, *,
+                 overwrite: bool = False, check_weights: bool = True) -> Path:
     """Write ``{name: SecondMoment}`` to ``path`` (safetensors), atomically (temp file + ``os.replace``).
 
-    ``model``: optional; its identity is recorded (and must match the moments' own, if they have one).
-    Returns the path written.
+    ``model``: optional; its identity is recorded (and must match the moments' own, if they have one:
+    :func:`covsvd.data.fingerprint.check_same_model`, ``check_weights`` as there). Raises ``FileExistsError``
+    when ``path`` exists and ``overwrite`` is false (checked before anything is written). Returns the path.
     """
     from safetensors.torch import save_file
 
@@ -53,7 +55,9 @@ def save_moments(path: str | os.PathLike, moments: Mapping[str, SecondMoment], m
     for name, m in moments.items():
         if not isinstance(m, SecondMoment):
             raise TypeError(f"moments[{name!r}] is a {type(m).__name__}, not a SecondMoment")
-    ident = _identity(moments, model)
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
+    ident = _identity(moments, model, check_weights)
     stored: dict[int, str] = {}  # id(accumulator) -> stored name (first name that holds it)
     layers = {name: stored.setdefault(id(m), name) for name, m in moments.items()}
     tensors: dict[str, torch.Tensor] = {}
@@ -111,12 +115,13 @@ def _decode(path, meta: dict) -> dict:
 
 
 def load_moments(
-    path: str | os.PathLike, model=None, device: torch.device | str = "cpu"
+    path: str | os.PathLike, model=None, device: torch.device | str = "cpu", *, check_weights: bool = True
 ) -> dict[str, SecondMoment]:
     """Read ``{name: SecondMoment}`` written by :func:`save_moments` (shared accumulators shared again).
 
-    ``model``: when given, its :func:`covsvd.model_identity` fingerprint must match the file's; a
-    different model raises ``ValueError`` naming both. A truncated or corrupt file raises ``ValueError``.
+    ``model``: when given, the file's recorded identity must be this model's: the same architecture and
+    (``check_weights``) the same weights (:func:`covsvd.data.fingerprint.check_same_model`); otherwise
+    ``ValueError`` naming both. A truncated or corrupt file raises ``ValueError``.
     """
     from safetensors import safe_open
 
@@ -134,15 +139,8 @@ def load_moments(
         raise ValueError(f"{path} is corrupt: its tensors do not match the checksum stored when it was written")
     ident = meta["model"]
     if model is not None:
-        want = model_identity(model)
-        if ident is None:
-            raise ValueError(f"{path} records no model identity, so it cannot be checked against {want}; "
-                             f"load it without model=")
-        if ident.get("fingerprint") != want["fingerprint"]:
-            raise ValueError(
-                f"{path} holds moments of a different model: file {ident}, model {want}; "
-                f"capture moments for this model (covsvd.capture_moments)"
-            )
+        check_same_model(ident, model_identity(model), f"the moments in {path}",
+                         "capture moments on this model (covsvd.capture_moments)", check_weights)
     distinct: dict[str, SecondMoment] = {}
     try:
         for name, g in meta["groups"].items():

@@ -30,18 +30,19 @@ so only one block's accumulators exist at a time.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
-from ..data.models import model_identity
+from ..data.fingerprint import model_identity
 from ..data.targets import TargetSpec, find_targets, in_out_features
 from ..util.checks import check_no_tf32
-from .gram import ACCUMULATE, gram_dtype
+from .gram import gram_dtype
 from .hooks import InputHooks, SharedInputs
-from .moments import KINDS, MomentAccumulator, SecondMoment
+from .moments import MomentAccumulator, SecondMoment
+from .options import CaptureOptions
 from .rows import RowBuffers, TokenMaskSpec, TokenRows, mask_key, token_mask
 
 
@@ -104,13 +105,6 @@ def prepare(batch, device: torch.device, forward: Callable, mask_spec: TokenMask
     return args, kwargs, mask
 
 
-def _length(batches) -> int | None:
-    try:
-        return len(batches)
-    except TypeError:
-        return None
-
-
 @contextmanager
 def eval_mode(model: nn.Module):
     """``model.eval()`` within the block; every module's own train/eval flag restored on exit (also on error)."""
@@ -140,23 +134,12 @@ class MomentCapture:
     :meth:`run` feeds any call instead of the model's forward (one transformer block: :mod:`covsvd.capture.layerwise`).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        targets: TargetSpec = None,
-        kind: str = "full",
-        *,
-        accumulate: str = "float64",
-        share_inputs: bool = True,
-        token_mask: TokenMaskSpec = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        mask_key(token_mask)  # a bad spec raises before anything runs
-        if kind not in KINDS:
-            raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
-        if accumulate not in ACCUMULATE:
-            raise ValueError(f"accumulate={accumulate!r}; expected one of {ACCUMULATE}")
-        self.model, self.kind, self.accumulate, self.token_mask = model, kind, accumulate, token_mask
+    def __init__(self, model: nn.Module, targets: TargetSpec = None, kind: str = "full", *,
+                 device: torch.device | str | None = None, **options) -> None:
+        opts = CaptureOptions.make(kind=kind, **options)  # every option checked before anything runs
+        self.options = opts
+        self.model, self.kind, self.accumulate, self.token_mask = model, opts.kind, opts.accumulate, opts.token_mask
+        accumulate, share_inputs = opts.accumulate, opts.share_inputs
         self.dtype = gram_dtype(accumulate)  # of the Gram products (and the row copies)
         self.device = torch.device(device) if device is not None else module_device(model)
         check_no_tf32(self.device, (self.dtype,), "capture with accumulate='float32'", "use accumulate='float64'")
@@ -263,81 +246,6 @@ class MomentCapture:
                 f"called; add text, fix the mask, or exclude them with targets=..."
             )
         return {n: distinct[self.sharing.leader[n]] for n in keep}
-
-
-def capture_moments(
-    model: nn.Module,
-    batches: Iterable,
-    targets: TargetSpec = None,
-    kind: str = "full",
-    progress: bool = True,
-    *,
-    accumulate: str = "float64",
-    share_inputs: bool = True,
-    all_reduce: bool = False,
-    group=None,
-    layerwise: bool = False,
-    blocks=None,
-    offload: torch.device | str | None = "cpu",
-    token_mask: TokenMaskSpec = None,
-) -> dict[str, SecondMoment]:
-    """``{module name: SecondMoment}`` of the inputs of the target modules over ``batches``.
-
-    Args:
-        model: any ``nn.Module`` (a transformers model); run in eval mode under ``torch.no_grad()``, its
-            train/eval flags and the grad mode are restored afterwards, and the hooks always removed.
-        batches: an iterable (list, generator, ``DataLoader``) of dicts of model inputs (passed as
-            ``**kwargs``), tuples/lists (passed positionally) or tensors of ``input_ids`` (every token real);
-            moved to the model's device (that of its first parameter). Tokens where the batch's
-            ``attention_mask`` is 0 never count.
-        targets: see :func:`covsvd.find_targets` (``None``: every Linear and Conv1D but the output
-            embeddings and modules tied to an embedding).
-        kind: ``"full"`` (``(d_in, d_in)`` sums) or ``"diag"`` (``(d_in,)``).
-        progress: a tqdm bar over batches.
-        accumulate: precision of each batch's Gram product, added into fp64 sums: ``"float64"`` (default:
-            equals fp64 brute force to ~1e-15) or ``"float32"`` (fp32 GEMM, ~1e-7 relative; faster on CPU
-            but it loses the small eigenvalues, see bench/results/capture.md). On CUDA with TF32 matmuls
-            enabled, ``"float32"`` raises (the product would be TF32).
-        share_inputs: targets reading the same input tensor share one accumulator (one product).
-        all_reduce: sum the moments over the processes of ``group`` with ``torch.distributed`` before
-            returning (each process passes its own shard of the data).
-        layerwise: run the data through one transformer block at a time (:mod:`covsvd.capture.layerwise`): only one
-            block's accumulators exist at a time; the result equals the default capture (to fp64 rounding).
-            ``batches`` is then iterated once per block (a generator is first stored as a list).
-        blocks: layerwise only: where the blocks are (``None``: found automatically; a dotted path to the
-            block list, e.g. ``"model.layers"``; or a list of block module names in call order).
-        offload: layerwise only: where the blocks' cached outputs and the finished moments wait (default
-            ``"cpu"``; ``None``: stay on the device).
-        token_mask: which tokens count besides padding: ``None`` (every real token), ``"labels"`` (the
-            batch's ``labels != -100``), another batch key (a bool / 0-1 ``(B, T)`` tensor), or
-            ``f(batch) -> (B, T)`` bool. A key read as the mask is not passed to the forward.
-
-    Returns:
-        One entry per target name, in ``named_modules`` order; targets sharing an input map to the *same*
-        ``SecondMoment`` object. ``count`` is the number of counted rows (real and selected tokens).
-
-    Raises:
-        ValueError: empty data, zero counted tokens for a target (also a token mask that selects nothing),
-            a mask that fits no input, NaN/inf inputs (naming the module and batch), a bad
-            ``targets``/``kind``/``accumulate``/``token_mask``; layerwise: blocks not found (naming ``blocks=``).
-    """
-    from tqdm.auto import tqdm
-
-    if layerwise:
-        from .layerwise import capture_layerwise
-
-        return capture_layerwise(model, batches, targets, kind, progress, accumulate=accumulate,
-                                 share_inputs=share_inputs, all_reduce=all_reduce, group=group, blocks=blocks,
-                                 offload=offload, token_mask=token_mask)
-    capture = MomentCapture(model, targets, kind, accumulate=accumulate, share_inputs=share_inputs,
-                            token_mask=token_mask)
-    with capture:
-        bar = tqdm(batches, total=_length(batches), desc="capture", unit="batch", disable=not progress)
-        for batch in bar:
-            capture.add(batch)
-            if progress:
-                bar.set_postfix(tokens=capture.tokens, refresh=False)
-    return capture.moments(all_reduce=all_reduce, group=group)
 
 
 def _check_finite(accs: dict[str, MomentAccumulator], sharing: SharedInputs, batch: int) -> None:

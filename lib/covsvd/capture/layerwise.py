@@ -31,6 +31,7 @@ last one (weight-shared layers) is seen only by a tail pass: use ``layerwise=Fal
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from functools import partial
@@ -41,12 +42,11 @@ from torch import nn
 from ..data.targets import TargetSpec, find_targets, is_linear
 from .hooked import MomentCapture, eval_mode, module_device, prepare
 from .moments import SecondMoment
-from .rows import TokenMaskSpec
+from .options import BlockSpec, CaptureOptions
 
 #: Stage names of the targets outside the blocks (the model calls them before block 0 / after the last block).
 BEFORE, AFTER = "<before blocks>", "<after blocks>"
 
-BlockSpec = None | str | Iterable[str]
 
 
 class _Caught(BaseException):  # noqa: N818 - not an error: a BaseException, so a model's `except Exception` can't eat it
@@ -207,20 +207,15 @@ def iter_block_moments(
     kind: str = "full",
     progress: bool = True,
     *,
-    accumulate: str = "float64",
-    share_inputs: bool = True,
-    all_reduce: bool = False,
-    group=None,
-    blocks: BlockSpec = None,
-    offload: torch.device | str | None = "cpu",
-    token_mask: TokenMaskSpec = None,
     reuse: Callable[[str, list[str]], dict[str, SecondMoment] | None] | None = None,
+    **options,
 ) -> Iterator[tuple[str, dict[str, SecondMoment]]]:
     """Yield ``(stage, {target name: SecondMoment})`` as each block finishes, in forward order.
 
     ``stage`` is a block's module name, or :data:`BEFORE` / :data:`AFTER` for targets outside the blocks
     (yielded only when there are some). Between yields no accumulator exists: a consumer that drops each
-    dict holds one block's moments at most. Arguments as in :func:`covsvd.capture_moments`; the moments are
+    dict holds one block's moments at most. Arguments as in :func:`covsvd.capture_moments` (``**options``: the
+    fields of :class:`~covsvd.capture.options.CaptureOptions`; ``layerwise`` is implied); the moments are
     on the block's device (that of its first parameter), cached block outputs on ``offload`` (``None``: kept
     where the block put them). ``reuse(block name, its target names)``: moments to use instead of capturing
     that block (the block still runs, without hooks, to feed the next), or ``None`` to capture it.
@@ -230,17 +225,18 @@ def iter_block_moments(
     yields does not. Raises as :func:`covsvd.capture_moments`, and ``ValueError`` when the blocks are not
     found or not called once each in order (naming ``blocks=``).
     """
+    opts = CaptureOptions.make(options, kind=kind)  # every option checked before anything runs
     names = find_targets(model, targets)
-    found = find_blocks(model, blocks)
-    offload = torch.device(offload) if offload is not None else None
+    found = find_blocks(model, opts.blocks)
+    offload = torch.device(opts.offload) if opts.offload is not None else None
     inside = {b: [n for n in names if n.startswith(b + ".")] for b, _ in found}
     in_blocks = {n for group_ in inside.values() for n in group_}
     outside = [n for n in names if n not in in_blocks]
     data = list(batches)
     if not data:
         raise ValueError("no batches: `batches` is empty; pass calibration batches (covsvd.calibration_batches)")
-    options = dict(kind=kind, accumulate=accumulate, share_inputs=share_inputs, token_mask=token_mask)
-    MomentCapture(model, names, **options)  # checks kind / accumulate / token_mask before anything runs
+    token_mask = opts.token_mask
+    options = dict(kind=opts.kind, accumulate=opts.accumulate, share_inputs=opts.share_inputs, token_mask=token_mask)
     device = module_device(model)
     prepared = [prepare(b, device, model.forward, token_mask) for b in data]  # (args, kwargs, mask) per batch
     if token_mask is not None and not any(bool(mask.any()) for _, _, mask in prepared):
@@ -259,7 +255,7 @@ def iter_block_moments(
         cache[b] = (_move(out, offload) if offload is not None else out, home)
 
     def finish(cap: MomentCapture, names_: list[str] | None = None) -> dict[str, SecondMoment]:
-        return cap.moments(all_reduce=all_reduce, group=group, names=names_)
+        return cap.moments(all_reduce=opts.all_reduce, group=opts.group, names=names_)
 
     from tqdm.auto import tqdm
 
@@ -311,15 +307,19 @@ def iter_block_moments(
             bar.close()
 
 
-def capture_layerwise(model: nn.Module, batches: Iterable, targets: TargetSpec = None, kind: str = "full",
-                      progress: bool = True, *, offload: torch.device | str | None = "cpu", **options
-                      ) -> dict[str, SecondMoment]:
+def capture_layerwise(model: nn.Module, batches: Iterable, targets: TargetSpec, options: CaptureOptions,
+                      progress: bool = True) -> dict[str, SecondMoment]:
     """:func:`covsvd.capture_moments` with ``layerwise=True``: every stage of :func:`iter_block_moments`
-    collected, in ``named_modules`` order, each block's moments moved to ``offload`` as it finishes
+    collected, in ``named_modules`` order, each block's moments moved to ``options.offload`` as it finishes
     (``None``: left on the block's device). Shared inputs stay one object under each name."""
     out: dict[str, SecondMoment] = {}
-    for _, moments in iter_block_moments(model, batches, targets, kind, progress, offload=offload, **options):
+    offload = options.offload
+    for _, moments in iter_block_moments(model, batches, targets, options.kind, progress, **_fields(options)):
         moved: dict[int, SecondMoment] = {}
         for name, m in moments.items():
             out[name] = moved.setdefault(id(m), m.to(offload) if offload is not None else m)
     return {n: out[n] for n in find_targets(model, targets)}
+
+
+def _fields(options: CaptureOptions) -> dict:
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "kind"}

@@ -24,8 +24,9 @@ from ..data.targets import TargetSpec, find_targets, in_out_features
 from ..util.checks import check_choice
 from .gram import ACCUMULATE, gram_dtype
 from .hooked import MomentCapture, module_device
-from .layerwise import BlockSpec, find_blocks
+from .layerwise import find_blocks
 from .moments import KINDS
+from .options import BlockSpec
 
 
 def accumulator_bytes(d_in: int, kind: str = "full") -> int:

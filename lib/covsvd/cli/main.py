@@ -184,7 +184,7 @@ def run_capture(args: argparse.Namespace) -> int:
             token_mask=token_mask(args))
         t2 = time.perf_counter()
         if launch.rank == 0:
-            covsvd.save_moments(args.out, moments, model=model)
+            covsvd.save_moments(moments, args.out, model=model)
         counted = max(m.count for m in moments.values())
     say(f"captured {len(moments)} modules (kind={args.kind}, {'layerwise' if args.layerwise else 'all at once'}) "
         f"over {counted} counted tokens ({n_tokens} real) on {launch.device} in {launch.world} process(es) "
@@ -225,10 +225,9 @@ def run_init(args: argparse.Namespace) -> int:
             check_memory(model, launch, args.targets, kind, args.accumulate, args.layerwise, stream,
                          diag_flag="--metric diag")
             if stream:  # capture a block, orient, attach, free its moments
-                report = init_adapters(
-                    model, batches, args.r, args.metric, layerwise=True, targets=args.targets, kind=kind,
-                    token_mask=token_mask(args), moments_dir=args.moments_dir, progress=args.progress,
-                    accumulate=args.accumulate, **orient_kw)
+                capture = dict(kind=kind, token_mask=token_mask(args), accumulate=args.accumulate, layerwise=True)
+                report = init_adapters(model, batches, args.r, args.metric, targets=args.targets, capture=capture,
+                                       moments_dir=args.moments_dir, progress=args.progress, **orient_kw)
             else:
                 moments = covsvd.capture_moments(
                     model, launch.shard(batches), targets=args.targets, kind=kind,
@@ -244,7 +243,7 @@ def run_init(args: argparse.Namespace) -> int:
             if report is None:
                 report = covsvd.attach_adapters(model, moments, args.r, args.metric, targets=args.targets,
                                                 progress=args.progress, **orient_kw)
-            covsvd.save_adapters(out, model)
+            covsvd.save_adapters(model, out, overwrite=args.overwrite)
     say(f"{report if report is not None else f'{args.metric} r={args.r}'} -> {out} ({args.format})\n"
         f"load + capture {t1 - t0:.1f} s, orient + write {time.perf_counter() - t1:.1f} s")
     return 0

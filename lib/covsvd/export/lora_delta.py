@@ -22,10 +22,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapt.attach import adapters, attached_identity
 from ..adapt.layer import BoundedGainLinear
+from ..adapt.registry import adapters, attached_identity
 from ..util.files import atomic_directory
-from .peft import adapter_dtype, check_peft_names, lora_config, model_mapping, write_lora_adapter
+from .peft_files import (
+    adapter_dtype,
+    check_peft_names,
+    lora_config,
+    model_mapping,
+    write_lora_adapter,
+    write_model_card,
+)
 
 __all__ = ["export_lora_delta"]
 
@@ -60,6 +67,18 @@ def export_lora_delta(model: nn.Module, path: str | os.PathLike, *, overwrite: b
     check_peft_names(model, list(found))
     factors = {name: delta_factors(m) for name, m in found.items()}
     conv1d = any(m.layout == "conv1d" for m in found.values())
-    base = attached_identity(model).get("name_or_path") or None
+    ident = attached_identity(model)
+    base = ident.get("name_or_path") or None
     config = lora_config({n: m.r for n, m in found.items()}, conv1d, base, model_mapping(model))
-    return atomic_directory(path, lambda tmp: write_lora_adapter(tmp, factors, config), overwrite=overwrite)
+    card = [
+        "What training changed in covsvd bounded-gain adapters (`covsvd.export_lora_delta`), as a peft LoRA for",
+        f"the **original** model ({ident['model_type']} `{base or type(model).__name__}`, weights fingerprint",
+        f"`{ident['weights']}`): `PeftModel.from_pretrained(original, this_folder)` computes the trained model.",
+        f"{len(found)} layers, rank per layer as attached, scaling 1.",
+    ]
+
+    def write(tmp: Path) -> None:
+        write_lora_adapter(tmp, factors, config)
+        write_model_card(tmp, "covsvd trained adapters (peft LoRA on the original model)", card)
+
+    return atomic_directory(path, write, overwrite=overwrite)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from ..capture.cache import model_key
+from ..capture.cache import cache_path, model_key
 from .arms import (
     ARMS,
     DEFAULT_SEEDS,
@@ -97,7 +97,7 @@ def moments_for(model, tokenizer, config: AblationConfig, cache_dir: str | os.Pa
         path, cached = None, False
         moments = covsvd.capture_moments(model, batches, targets=config.targets, kind="full", progress=progress)
     else:
-        path = covsvd.cache_path(model, batches, config.targets, "full", cache_dir=cache_dir)
+        path = cache_path(model, batches, config.targets, cache_dir=cache_dir)
         cached = path.is_file()
         moments = covsvd.cached_capture(model, batches, targets=config.targets, kind="full", progress=progress,
                                         cache_dir=cache_dir)
@@ -224,7 +224,7 @@ def _ablate(arms, seeds, out, config, cache_dir, model_path, progress, hook, log
 
     import covsvd
 
-    from ..data.models import model_identity
+    from ..data.fingerprint import model_identity
 
     say = log or (lambda s: None)
     config = config or AblationConfig()
