@@ -63,6 +63,7 @@ def first_sentence(doc: str | None) -> str:
     if not doc:
         return ""
     para = inspect.cleandoc(doc).split("\n\n", 1)[0].replace("\n", " ")
+    para = re.sub(r":\w+:`~?(?:[\w.]+\.)?([^`]+)`", r"`\1`", para).replace("``", "`")  # reST roles -> Markdown
     m = re.match(r"(.+?\.)(\s|$)", para)
     return (m.group(1) if m else para).rstrip(".").strip()
 
