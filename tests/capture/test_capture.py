@@ -339,9 +339,9 @@ def test_sharing_that_changes_between_batches_raises():
 
 def test_moments_are_tagged_with_the_model_identity(bert_tiny, make_batches):
     moments = covsvd.capture_moments(bert_tiny, make_batches([[3]]), progress=False)
-    assert all(m.model == covsvd.model_identity(bert_tiny) for m in moments.values())
+    assert all(m.model == covsvd.data.model_identity(bert_tiny) for m in moments.values())
     other = copy.deepcopy(bert_tiny)
-    assert covsvd.model_identity(other) == covsvd.model_identity(bert_tiny)
+    assert covsvd.data.model_identity(other) == covsvd.data.model_identity(bert_tiny)
 
 
 def test_moment_capture_streams_from_a_user_loop(bert_tiny, make_batches):

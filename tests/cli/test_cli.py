@@ -38,7 +38,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(covsvd.default_model_path(), local_files_only=True)
+    return AutoTokenizer.from_pretrained(covsvd.data.default_model_path(), local_files_only=True)
 
 
 def save_tiny(directory: Path, config, model_class, tokenizer) -> Path:
@@ -103,7 +103,7 @@ def test_verbs_and_the_model_class(llama_dir, gpt2_dir):
     assert {"capture", "init"} <= set(verbs)
     assert cli.model_class(llama_dir) is AutoModelForCausalLM  # LlamaForCausalLM
     assert cli.model_class(gpt2_dir) is AutoModelForCausalLM  # GPT2LMHeadModel: a causal LM without the suffix
-    assert cli.model_class(covsvd.default_model_path()) is AutoModel  # BertModel
+    assert cli.model_class(covsvd.data.default_model_path()) is AutoModel  # BertModel
     assert cli.model_class(llama_dir, "base") is AutoModel
 
 

@@ -409,7 +409,7 @@ def test_lora_delta_reproduces_the_trained_adapters(kind, rotate, tmp_path):
     attach_adapters(model, moments, r=8, metric="full", rotate=rotate, progress=False)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in covsvd.adapter_parameters(model):
+        for p in covsvd.adapt.adapter_parameters(model):
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
     for m in covsvd.adapters(model).values():  # the change is U K P, rank <= r
         torch.testing.assert_close((m.U.double() @ m.delta_core()) @ m.P.double(),

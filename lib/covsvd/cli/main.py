@@ -85,7 +85,7 @@ def load(args: argparse.Namespace, device):
 
     import covsvd
 
-    path = covsvd.default_model_path() if args.model == "default" else Path(args.model)
+    path = covsvd.data.default_model_path() if args.model == "default" else Path(args.model)
     model, tokenizer = covsvd.load_model(path, dtype=getattr(torch, args.dtype),
                                          model_class=model_class(Path(path), args.model_class))
     return model.to(device), tokenizer
