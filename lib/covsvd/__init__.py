@@ -31,7 +31,15 @@ from .adapt import (
     split_half,
     trainable_parameters,
 )
-from .algebra import DEFAULT_EPS, METRICS, Oriented, functional_error, identity_error, orient, principal_angles
+from .algebra import (
+    DEFAULT_EPS,
+    METRICS,
+    Oriented,
+    functional_error,
+    identity_error,
+    orient,
+    principal_angles,
+)
 from .capture import (
     SecondMoment,
     cached_capture,

@@ -112,7 +112,7 @@ def test_moments_of_other_weights_are_refused_everywhere_unless_asked(tmp_path):
                                                   **kw),
         "allocate": lambda **kw: covsvd.allocate_ranks(tuned, moments, 10_000, progress=False, **kw),
     }
-    for name, call in calls.items():
+    for call in calls.values():
         with pytest.raises(ValueError, match="other weights of the same architecture.*check_weights=False"):
             call()
         call(check_weights=False)  # the named override

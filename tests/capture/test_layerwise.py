@@ -14,7 +14,6 @@ import covsvd
 from covsvd.capture.layerwise import AFTER, BEFORE, find_blocks, iter_block_moments
 
 
-
 @pytest.fixture(scope="module")
 def decoders():
     return {arch: tiny_decoder(arch) for arch in ("llama", "qwen2", "gpt2")}
