@@ -266,3 +266,17 @@ def test_encoder_probe_runs_on_every_target_but_the_pooler(bert_tiny, make_batch
                                progress=False)
     assert len(G) == 12 and all(m.kind == "diag" and m.count == 27 for m in G.values())
     assert all(float(m.sum_xx.min()) > 0 for m in G.values())
+
+
+def test_memory_estimate_covers_output_moments():
+    model = tiny_llama_lm()
+    batches = labelled([[5, 4]], side="left")
+    for kind in ("full", "diag"):
+        est = covsvd.estimate_memory(model, kind=kind, side="output")
+        G = capture_output_moments(model, batches, kind=kind, progress=False)
+        assert est.total_bytes == sum(m.sum_xx.nbytes + m.sum_x.nbytes + m.sum_abs.nbytes for m in G.values())
+        assert est.widest == 64 and est.side == "output" and "output moments" in str(est)
+    with pytest.raises(ValueError, match="side='output'.*layerwise=False"):
+        covsvd.estimate_memory(model, side="output", layerwise=True)
+    with pytest.raises(ValueError, match="side='sideways'"):
+        covsvd.estimate_memory(model, side="sideways")
