@@ -131,7 +131,7 @@ def memory_7b():
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=6000)
+    ap.add_argument("--tokens", type=int, default=12000)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "output_capture.md")
     args = ap.parse_args()
     torch.manual_seed(0)

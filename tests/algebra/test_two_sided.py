@@ -190,3 +190,15 @@ def test_misuse_raises_naming_the_layer_and_fix():
     neg = -torch.eye(8, dtype=F64)  # not PSD: Cholesky of G + eps I fails, and says how to fix it
     with pytest.raises(ValueError, match="not positive definite.*solver='eigh'"):
         orient(W, C, 2, metric="two-sided", output=neg, eps_output=1e-3, eps_mode="absolute")
+
+
+def test_right_factor_refuses_two_sided_without_the_output_side():
+    """A caller that factors only C for the two-sided metric (e.g. a spectrum for allocation) gets an error, never
+    the input-only spectrum."""
+    from covsvd.algebra.damping import damp
+    from covsvd.algebra.orient import right_factor
+
+    W = make_W(8, 6, 21)
+    own = damp(moment(samples(20, 6, 22)).matrix())
+    with pytest.raises(ValueError, match="needs the factored output moment"):
+        right_factor(W, own, "two-sided")
