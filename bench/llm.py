@@ -293,7 +293,7 @@ def init_bench(args) -> dict:
     from transformers import AutoTokenizer
 
     device = args.device
-    tok = AutoTokenizer.from_pretrained(covsvd.default_model_path(), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(covsvd.data.default_model_path(), local_files_only=True)
     model = build(qwen_config(args.init_blocks, len(tok)), torch.float32, device)
     batches = covsvd.calibration_batches(tok, split="all", seq_len=args.init_seq_len, batch_size=8,
                                          max_tokens=args.init_tokens, sort_by_length=True)

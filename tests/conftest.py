@@ -154,3 +154,48 @@ def make_W(d_out: int, d_in: int, seed: int, spread: float = 3.0) -> torch.Tenso
     k = min(d_out, d_in)
     s = torch.logspace(0, -spread, k, dtype=torch.float64)
     return (random_orthogonal(d_out, g)[:, :k] * s) @ random_orthogonal(d_in, g)[:, :k].T  # (d_out, d_in)
+
+
+# ------------------------------------------------------------------------ tiny decoders (layerwise, LLM tests)
+
+TOL = 1e-12  # layerwise == default capture, relative, fp64: the same products in the same order, so in practice 0
+
+
+def tiny_decoder(arch: str, seed: int = 0, layers: int = 3):
+    """A random causal LM (d=32, FFN 48, GQA 4/2 heads): Llama (untied head), Qwen2 (tied, with one
+    sliding-window layer: its attention mask differs from the others'), or GPT-2 (Conv1D, tied)."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    if arch == "qwen2":
+        types = ["full_attention", "sliding_attention"] * layers
+        return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=True,
+                                            sliding_window=4, layer_types=types[:layers])).eval()
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=layers, n_head=4,
+                                      bos_token_id=1, eos_token_id=2)).eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def assert_same(layerwise: dict, default: dict) -> None:
+    assert list(layerwise) == list(default)
+    for name, m in default.items():
+        got = layerwise[name]
+        assert got.count == m.count, name
+        for field in ("sum_xx", "sum_x", "sum_abs"):
+            assert rel(getattr(got, field).to(m.sum_xx.device), getattr(m, field)) <= TOL, (name, field)
+    ids = {id(m) for m in default.values()}
+    assert len({id(m) for m in layerwise.values()}) == len(ids)  # the same sharing

@@ -14,7 +14,7 @@ from covsvd.capture.options import CaptureOptions
 
 def test_hit_equals_fresh_capture(bert_tiny, make_batches, tmp_path):
     batches = make_batches([[5, 3], [7, 2]])
-    path = covsvd.cache_path(bert_tiny, batches, cache_dir=tmp_path)
+    path = covsvd.capture.cache_path(bert_tiny, batches, cache_dir=tmp_path)
     assert not path.exists()
     first = covsvd.cached_capture(bert_tiny, batches, cache_dir=tmp_path, progress=False)
     assert path.is_file() and path.parent == tmp_path

@@ -339,9 +339,9 @@ def test_sharing_that_changes_between_batches_raises():
 
 def test_moments_are_tagged_with_the_model_identity(bert_tiny, make_batches):
     moments = covsvd.capture_moments(bert_tiny, make_batches([[3]]), progress=False)
-    assert all(m.model == covsvd.model_identity(bert_tiny) for m in moments.values())
+    assert all(m.model == covsvd.data.model_identity(bert_tiny) for m in moments.values())
     other = copy.deepcopy(bert_tiny)
-    assert covsvd.model_identity(other) == covsvd.model_identity(bert_tiny)
+    assert covsvd.data.model_identity(other) == covsvd.data.model_identity(bert_tiny)
 
 
 def test_moment_capture_streams_from_a_user_loop(bert_tiny, make_batches):
@@ -384,3 +384,18 @@ def test_run_feeds_any_call_and_moments_can_keep_a_subset(bert_tiny, make_batche
     got = cap.moments(names=cap.seen())
     assert list(got) == names[:1]
     assert rel(got[names[0]].sum_xx, whole[names[0]].sum_xx) <= 1e-12
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_sequence_with_exactly_one_pad_token_equals_brute_force(gpt2_tiny, make_batches, brute_force_rows, side):
+    """End to end: a batch whose only padding is one token of one row (a mask of all ones but one) must drop
+    exactly that row (a capture treating "almost all real" as unpadded would count it)."""
+    batches = make_batches([[6, 7], [8, 8, 8, 7]], side=side, seed=7)
+    assert all(int((b["attention_mask"] == 0).sum()) == 1 for b in batches)
+    names = covsvd.find_targets(gpt2_tiny)
+    moments = covsvd.capture_moments(gpt2_tiny, batches, targets=names, progress=False)
+    rows = brute_force_rows(gpt2_tiny, batches, names)
+    for name in names:
+        X = rows[name]
+        assert moments[name].count == X.shape[0] == 6 + 7 + 8 * 3 + 7
+        torch.testing.assert_close(moments[name].matrix(), X.T @ X / X.shape[0], rtol=1e-12, atol=1e-14)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_decoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_layerwise import Toy, tiny_decoder
+from test_layerwise import Toy
 from torch import nn
 
 import covsvd

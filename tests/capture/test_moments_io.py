@@ -26,7 +26,7 @@ def test_round_trip_is_exact_and_keeps_sharing(tmp_path, bert_tiny, captured):
     q, k = "encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key"
     assert loaded[q] is loaded[k]
     meta = read_metadata(path)
-    assert meta["model"] == covsvd.model_identity(bert_tiny)
+    assert meta["model"] == covsvd.data.model_identity(bert_tiny)
     assert meta["kind"] == "full" and meta["dtype"] == "float64" and meta["covsvd_version"] == covsvd.__version__
     assert meta["tokens"] == captured[q].count == 24
     assert len(meta["groups"]) == 9  # shared accumulators stored once

@@ -4,7 +4,6 @@ message and writes nothing. The lab's verbs are tested in tests/lab/test_lab_cli
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,64 +14,17 @@ import torch
 
 import covsvd
 from covsvd.cli import main as cli
+from covsvd.cli.inputs import model_class
 from covsvd.data.textfiles import prompt_batches, text_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-WORDS = "the model reads calibration text and every token counts once unless it is padding".split()
-
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(covsvd.default_model_path(), local_files_only=True)
-
-
-def save_tiny(directory: Path, config, model_class, tokenizer) -> Path:
-    torch.manual_seed(0)
-    model_class(config).eval().save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, tokenizer) -> Path:
-    """A 2-block random Llama with GQA (4 heads / 2 KV heads), the default model's tokenizer beside it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return save_tiny(tmp_path_factory.mktemp("llama"), config, LlamaForCausalLM, tokenizer)
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory, tokenizer) -> Path:
-    """A 2-block random GPT-2 LM (Conv1D targets, tied head)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4)
-    return save_tiny(tmp_path_factory.mktemp("gpt2"), config, GPT2LMHeadModel, tokenizer)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """A .jsonl calibration file: 12 short records with a prompt field."""
-    g = torch.Generator().manual_seed(0)
-    path = tmp_path_factory.mktemp("data") / "calib.jsonl"
-    with path.open("w") as f:
-        for i in range(12):
-            pick = torch.randint(len(WORDS), (3 + i % 5,), generator=g).tolist()
-            f.write(json.dumps({"prompt": f"question {i}:", "text": " ".join(WORDS[j] for j in pick)}) + "\n")
-    return path
-
-
 def load(directory: Path):
-    return covsvd.load_model(directory, model_class=cli.model_class(directory))
+    return covsvd.load_model(directory, model_class=model_class(directory))
 
 
 def assert_same_moments(a: dict, b: dict, tol: float) -> None:
@@ -93,10 +45,10 @@ def test_verbs_and_the_model_class(llama_dir, gpt2_dir):
 
     verbs = cli.build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 (argparse has no public API)
     assert {"capture", "init"} <= set(verbs)
-    assert cli.model_class(llama_dir) is AutoModelForCausalLM  # LlamaForCausalLM
-    assert cli.model_class(gpt2_dir) is AutoModelForCausalLM  # GPT2LMHeadModel: a causal LM without the suffix
-    assert cli.model_class(covsvd.default_model_path()) is AutoModel  # BertModel
-    assert cli.model_class(llama_dir, "base") is AutoModel
+    assert model_class(llama_dir) is AutoModelForCausalLM  # LlamaForCausalLM
+    assert model_class(gpt2_dir) is AutoModelForCausalLM  # GPT2LMHeadModel: a causal LM without the suffix
+    assert model_class(covsvd.data.default_model_path()) is AutoModel  # BertModel
+    assert model_class(llama_dir, "base") is AutoModel
 
 
 @pytest.mark.parametrize("extra", [(), ("--kind", "diag", "--targets", r".*mlp\..*")])
@@ -113,6 +65,52 @@ def test_capture_writes_the_library_moments(tmp_path, llama_dir, data, extra):
     assert "lm_head" not in got  # the output head is not a default target
     if not extra:
         assert got["model.layers.0.self_attn.k_proj"] is got["model.layers.0.self_attn.q_proj"]  # GQA: one input
+
+
+def test_targets_follow_peft_target_modules(tmp_path, llama_dir, data):
+    names = {"q_proj": ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"],
+             "v_proj": ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]}
+    cases = [(["q_proj"], names["q_proj"]),  # one bare name: every *.q_proj, as peft's target_modules
+             (["q_proj", "v_proj"], sorted(names["q_proj"] + names["v_proj"])),
+             ([r".*\.q_proj"], names["q_proj"])]  # one regex, matched against the full name
+    for i, (targets, want) in enumerate(cases):
+        out = tmp_path / f"{i}.safetensors"
+        assert cli.main(capture_argv(llama_dir, data, out, "--kind", "diag", "--targets", *targets)) == 0
+        assert sorted(covsvd.load_moments(out)) == want, targets
+    out = tmp_path / "identity.safetensors"  # init: plain SVD, no data, adapters on every q_proj
+    assert cli.main(init_argv(llama_dir, out, "--metric", "identity", "--format", "covsvd", "--targets", "q_proj")) == 0
+    model, _ = load(llama_dir)
+    covsvd.load_adapters(model, out)
+    assert sorted(covsvd.adapters(model)) == names["q_proj"]
+
+
+class Captured(Exception):
+    """Stops init once the capture is called (not a user error: it escapes main)."""
+
+
+def test_init_captures_the_kind_the_library_maps_each_metric_to(tmp_path, llama_dir, monkeypatch):
+    from covsvd.adapt import plan
+
+    assert cli.build_parser()._subparsers._group_actions[0].choices["init"]._option_string_actions[  # noqa: SLF001
+        "--metric"].choices == covsvd.METRICS
+    kinds = []
+
+    def capture_moments(model, batches, **kw):
+        kinds.append(kw["kind"])
+        raise Captured
+
+    monkeypatch.setattr(covsvd, "capture_moments", capture_moments)
+    argv = init_argv(llama_dir, tmp_path / "a.safetensors", "--format", "covsvd", "--max-tokens", "64")
+    for metric in covsvd.METRICS:
+        if metric == "identity":  # reads no data: nothing is captured
+            continue
+        with pytest.raises(Captured):
+            cli.main([*argv, "--metric", metric])
+        assert kinds.pop() == plan.capture_kind(metric), metric
+    monkeypatch.setattr(plan, "capture_kind", lambda metric, kind=None: "full")  # the CLI keeps no table of its own
+    with pytest.raises(Captured):
+        cli.main([*argv, "--metric", "diag"])
+    assert kinds == ["full"] and not list(tmp_path.iterdir())
 
 
 def test_capture_layerwise_and_labels(tmp_path, gpt2_dir, data, tokenizer):
@@ -201,7 +199,7 @@ def test_init_peft_reproduces_the_model(tmp_path, gpt2_dir, data):
     argv = init_argv(gpt2_dir, out, "--data", str(data), "--seq-len", "16", "--metric", "full", "--format", "peft")
     assert cli.main(argv) == 0
     original, _ = load(gpt2_dir)
-    base, _ = covsvd.load_model(out / "base", model_class=cli.model_class(gpt2_dir))
+    base, _ = covsvd.load_model(out / "base", model_class=model_class(gpt2_dir))
     wrapped = peft.PeftModel.from_pretrained(base, out / "adapter")
     ids = torch.randint(100, 2000, (2, 7))
     with torch.no_grad():

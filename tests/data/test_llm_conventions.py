@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same, rel, tiny_decoder
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_layerwise import assert_same, rel, tiny_decoder
 from torch import nn
 
 import covsvd

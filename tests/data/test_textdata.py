@@ -22,7 +22,7 @@ TEXTS = ["The first document.\n\nIts second paragraph.", "A second document, sho
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(covsvd.default_model_path(), local_files_only=True)
+    return AutoTokenizer.from_pretrained(covsvd.data.default_model_path(), local_files_only=True)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

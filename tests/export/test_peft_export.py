@@ -407,7 +407,7 @@ def test_lora_delta_reproduces_the_trained_adapters(kind, rotate, tmp_path):
     attach_adapters(model, moments, r=8, metric="full", rotate=rotate, progress=False)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for p in covsvd.adapter_parameters(model):
+        for p in covsvd.adapt.adapter_parameters(model):
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
     for m in covsvd.adapters(model).values():  # the change is U K P, rank <= r
         torch.testing.assert_close((m.U.double() @ m.delta_core()) @ m.P.double(),
@@ -441,3 +441,23 @@ def test_lora_delta_bad_input(bert_tiny, tmp_path):
     config = json.loads((export_lora_delta(model, tmp_path / "x", overwrite=True) / "adapter_config.json").read_text())
     assert config["target_modules"] == list(covsvd.adapters(model)) and config["r"] == 2
     assert re.escape("encoder.layer.0.attention.self.query") not in config["rank_pattern"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_per_layer_ranks_export_beyond_llama(arch, tmp_path):
+    """Per-layer ranks (rank_pattern / alpha_pattern) on Conv1D (GPT-2, fan_in_fan_out) and BERT (names with
+    dotted numeric parts: layer.1.x must not also match layer.11.x)."""
+    from transformers import AutoModel
+
+    model = tiny_gpt2() if arch == "gpt2" else tiny_bert()
+    batch = padded_batches([[7, 5]], seed=3)[0]
+    moments = covsvd.capture_moments(model, padded_batches([[9, 12, 6], [8]], seed=2), progress=False)
+    ranks = {n: 1 + i % 3 for i, n in enumerate(moments)}
+    path, pm = check_round_trip(model, moments, tmp_path, ranks, AutoModel, batch, metric="full")
+    for name, k in ranks.items():
+        assert pm.base_model.model.get_submodule(name).r["default"] == k, name
+    config = json.loads((path / "adapter" / "adapter_config.json").read_text())
+    assert config["alpha_pattern"] == config["rank_pattern"] and config["rank_pattern"]
+    card = (path / "adapter" / "README.md").read_text()
+    assert "residual base" in card and "never onto the original" in card
+    assert config["base_model_name_or_path"] == str(tmp_path / "out" / "base")

@@ -92,7 +92,7 @@ def tiny_bert():
 
     import covsvd
 
-    tok = AutoTokenizer.from_pretrained(covsvd.default_model_path(), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(covsvd.data.default_model_path(), local_files_only=True)
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, max_position_embeddings=64)

@@ -34,7 +34,7 @@ def tokenizer():
 
     import covsvd
 
-    return AutoTokenizer.from_pretrained(covsvd.default_model_path(), local_files_only=True)
+    return AutoTokenizer.from_pretrained(covsvd.data.default_model_path(), local_files_only=True)
 
 
 @pytest.fixture(scope="module")

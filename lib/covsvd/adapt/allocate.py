@@ -29,9 +29,7 @@ from ..algebra.budget import (
     COSTS,
     RULES,
     allocation_cost,
-    allocation_error,
     check_rank_bounds,
-    dropped_energy,
     optimal_ranks,
     rank_costs,
     threshold_ranks,
@@ -44,8 +42,7 @@ from .plan import plan_targets
 
 F64 = torch.float64
 
-__all__ = ["COSTS", "RULES", "allocate_ranks", "allocation_cost", "allocation_error", "dropped_energy",
-           "layer_spectra", "metric_spectrum", "optimal_ranks", "rank_costs", "threshold_ranks"]
+__all__ = ["allocate_ranks", "layer_spectra", "metric_spectrum"]
 
 
 # ------------------------------------------------------------------------------------------ spectra

@@ -29,7 +29,7 @@ from torch import nn
 from ..algebra.validate import FULL_METRICS, METRICS, moment_parts
 from ..capture.moments import SecondMoment
 from ..data.fingerprint import check_same_model
-from ..data.targets import find_targets, in_out_features, is_linear, weight_matrix
+from ..data.targets import find_targets, in_out_features, weight_matrix
 from ..util.checks import check_choice, check_rank, check_weight
 from .layer import BoundedGainLinear
 from .registry import attached_identity
@@ -136,10 +136,13 @@ def resolve_targets(model: nn.Module, moments, r, metric: str, targets, deferred
     if metric != "identity" and not deferred:
         raise ValueError(f"metric={metric!r} needs moments (covsvd.capture_moments(model, batches)); "
                          "only metric='identity' can run without them")
-    if attached and not any(is_linear(m) for n, m in model.named_modules() if n not in attached):
-        raise ValueError("every Linear / Conv1D target already carries a covsvd adapter; detach_adapters(model) "
-                         "first")
-    return find_targets(model, None)
+    try:
+        return find_targets(model, None)
+    except ValueError:
+        if attached:
+            raise ValueError(f"every default target of {type(model).__name__} already carries a covsvd adapter "
+                             f"({len(attached)} attached); detach_adapters(model) first") from None
+        raise
 
 
 def check_target(model: nn.Module, t: Target) -> None:

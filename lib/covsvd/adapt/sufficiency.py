@@ -76,6 +76,7 @@ def check_sufficient(
         stacklevel: passed to ``warnings.warn`` (2: the caller's line).
 
     Moments of ``kind="diag"`` are skipped (:func:`covsvd.orient` refuses them for a full metric anyway).
+    Raises ``TypeError`` for a value that is not a ``SecondMoment`` (a tensor has no token count).
     """
     check_choice("metric", metric, METRICS)
     if isinstance(moments, SecondMoment):
@@ -87,6 +88,9 @@ def check_sufficient(
         if name not in moments:
             raise KeyError(f"no moment for layer {name!r}; have {list(moments)[:5]}...")
         m = moments[name]
+        if not isinstance(m, SecondMoment):
+            raise TypeError(f"moments[{name!r}] is a {type(m).__name__}: check_sufficient reads the token count of a "
+                            "covsvd.SecondMoment (covsvd.capture_moments); a tensor carries none")
         if metric in FULL_METRICS and m.kind == "full" and m.count < m.d_in:
             short[name] = (m.count, m.d_in)
     if short:

@@ -1,0 +1,34 @@
+"""Stage 3, algebra (pure tensors, no modules or hooks): damping, SVDs, orientation under a metric, the
+measures, Cayley rotations and the rank-allocation dynamic programme."""
+
+from .budget import (
+    allocation_cost,
+    allocation_error,
+    dropped_energy,
+    optimal_ranks,
+    rank_costs,
+    threshold_ranks,
+)
+from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp
+from .measures import functional_error, identity_error, principal_angles, quad
+from .orient import METRICS, Oriented, orient
+
+__all__ = [
+    "DEFAULT_EPS",
+    "DEFAULT_EPS_MODE",
+    "METRICS",
+    "Damped",
+    "Oriented",
+    "allocation_cost",
+    "allocation_error",
+    "damp",
+    "dropped_energy",
+    "functional_error",
+    "identity_error",
+    "optimal_ranks",
+    "orient",
+    "principal_angles",
+    "quad",
+    "rank_costs",
+    "threshold_ranks",
+]

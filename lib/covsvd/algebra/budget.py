@@ -2,6 +2,18 @@
 
 Notation as in :mod:`covsvd.adapt.allocate`: ``e_l(r)`` the dropped energy of layer l at rank r, ``c_l`` its cost per rank.
 
+Objectives (:data:`OBJECTIVES`), what ``e_l(r)`` measures from the singular values ``S_l`` of ``W_l T_l``:
+
+* ``"relative"``: ``e_l(r) = sum_{i >= r} S_{l,i}^2 / sum_i S_{l,i}^2``, the squared relative error of the layer
+  (between 0 and 1 in every layer: not commensurable across layers).
+* ``"absolute"``: ``e_l(r) = sum_{i >= r} S_{l,i}^2``, the unnormalised squared error. Under the two-sided metric
+  (``S`` of ``N^{1/2} W M^{1/2}``, docs/algebra.md) it is ``||N^{1/2} (W - B) M^{1/2}||_F^2``, twice the
+  per-token estimate of the change of the loss (fisher) or of ``E||H(B) - H(W)||^2`` (probe): every layer in
+  the same units, so a sum over layers means something.
+
+Every rule below takes ``objective=``; only the gains ``gamma_{l,i}`` (relative: ``S^2 / sum S^2``; absolute:
+``S^2``) change, and the arguments hold for both (they need only ``gamma`` non-negative and non-increasing in i).
+
 Rules (:data:`RULES`):
 
 * ``"optimal"`` (:func:`optimal_ranks`): minimise ``sum_l e_l(r_l)`` subject to
@@ -28,6 +40,18 @@ Rules (:data:`RULES`):
   ``O(sum_c K_c * budget / g)`` time and ``O(n_classes * budget / g)`` memory (``K_c`` the items class c
   can afford); for transformers n_classes is 1-3 (one per distinct ``d_in + d_out``).
 
+* ``"tolerance"`` (:func:`tolerance_ranks`, PGSVD-like): one error tolerance for every layer. For ``tau >= 0``
+  let ``r_l(tau)`` be the smallest ``r`` in ``[r_min, r_max_l]`` with ``e_l(r) <= tau`` (``r_max_l`` when none
+  is: the layer is clipped) (:func:`ranks_at_tolerance`), and ``cost(tau) = sum_l c_l r_l(tau)``, non-increasing
+  in tau. The rule returns ``r(tau*)`` with ``tau* = min {tau in T : cost(tau) <= budget}`` over the finite set
+  ``T = {e_l(r) : r_min <= r <= r_max_l}`` (``cost`` changes only there; ``tau*`` exists, since at
+  ``max_l e_l(r_min)`` every layer sits at r_min). Equivalently (without clipping), ``tau*`` is the minimax
+  value ``min over rank vectors within the budget of max_l e_l(r_l)``, and ``r(tau*)`` is the componentwise
+  smallest rank vector attaining it: the tightest tolerance the budget affords, with no parameter spent
+  beyond what it needs. It may leave budget unspent (less than what lowering tau to the next value in T
+  would cost); it does not fill it, or the tolerance would no longer be one. Found by bisection on sorted T:
+  ``O(log |T|)`` evaluations of ``O(sum_l k_l)``.
+
 * ``"threshold"`` (:func:`threshold_ranks`, EVA-like): per layer the smallest r whose kept energy
   ``1 - e_l(r)`` reaches ``energy``, clipped to ``[r_min, r_max]``. The budget does not shape it: when a
   budget is given, :func:`allocate_ranks` raises if the allocation costs more (lower ``energy``, raise the
@@ -46,19 +70,27 @@ from ..util.checks import check_choice, check_count
 #: Parameters one rank costs: ``"lora"`` ``d_in + d_out`` (a LoRA A/B pair), ``"gain"`` 1 (the gain ``g``).
 COSTS = ("lora", "gain")
 #: ``"optimal"``: the exact budgeted minimum; ``"threshold"``: an energy fraction per layer (module doc).
+#: (:func:`tolerance_ranks` is the third rule; :func:`covsvd.allocate_ranks` does not dispatch it yet, so it is not
+#: listed here, where allocate_ranks reads its choices.)
 RULES = ("optimal", "threshold")
+#: What ``e_l(r)`` measures: ``"relative"`` or ``"absolute"`` squared error (module doc).
+OBJECTIVES = ("relative", "absolute")
 F64 = torch.float64
 
 
-def _gammas(S: torch.Tensor, name: str) -> torch.Tensor:
-    """``S_i^2 / sum S^2`` (k,) fp64, after checking ``S`` is a finite, non-negative, descending spectrum."""
+def _gammas(S: torch.Tensor, name: str, objective: str = "relative") -> torch.Tensor:
+    """``S_i^2 / sum S^2`` (relative) or ``S_i^2`` (absolute), (k,) fp64, after checking ``S`` is a finite,
+    non-negative, descending spectrum (relative: not all zero)."""
     if not isinstance(S, torch.Tensor) or S.dim() != 1 or S.numel() == 0:
         raise ValueError(f"layer {name!r}: a spectrum must be a non-empty 1-D tensor of singular values; got "
                          f"{getattr(S, 'shape', type(S).__name__)}")
+    check_choice("objective", objective, OBJECTIVES, "unknown ")
     s = S.detach().to(F64)
     if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or bool((s[1:] > s[:-1]).any()):
         raise ValueError(f"layer {name!r}: the spectrum {tuple(s.shape)} must be finite, >= 0 and descending "
                          "(torch.linalg.svdvals order)")
+    if objective == "absolute":
+        return s * s
     if float(s[0]) == 0.0:
         raise ValueError(f"layer {name!r}: W T is zero (all {s.numel()} singular values are 0), so its relative "
                          "error is undefined; leave the layer out of targets")
@@ -66,13 +98,17 @@ def _gammas(S: torch.Tensor, name: str) -> torch.Tensor:
     return s2 / s2.sum()
 
 
-def dropped_energy(S: torch.Tensor) -> torch.Tensor:
-    """``e(r) = sum_{i >= r} S_i^2 / sum S^2`` for ``r = 0..k``: ``(k + 1,)`` fp64, from 1 down to 0.
+def dropped_energy(S: torch.Tensor, objective: str = "relative") -> torch.Tensor:
+    """``e(r)`` for ``r = 0..k``: ``(k + 1,)`` fp64, non-increasing, down to 0.
 
-    ``S`` ``(k,)``: singular values, descending (e.g. :func:`metric_spectrum`). For the ``full`` metric
-    ``e(r)`` is the squared relative functional error of the rank-r orientation.
+    ``"relative"``: ``sum_{i >= r} S_i^2 / sum S^2`` (from 1; ``1 -`` the cumulative kept share); ``"absolute"``:
+    ``sum_{i >= r} S_i^2`` (summed from the tail, smallest first). ``S`` ``(k,)``: singular values, descending
+    (e.g. :func:`metric_spectrum`). For the ``full`` metric the relative ``e(r)`` is the squared relative
+    functional error of the rank-r orientation; for ``two-sided`` the absolute one is its squared error.
     """
-    gam = _gammas(S, "spectrum")
+    gam = _gammas(S, "spectrum", objective)
+    if objective == "absolute":
+        return torch.cat([gam.flip(0).cumsum(0).flip(0), gam.new_zeros(1)])  # (k + 1,)
     kept = torch.cat([gam.new_zeros(1), gam.cumsum(0)])  # (k + 1,)
     return (1.0 - kept).clamp_min(0.0)
 
@@ -92,14 +128,15 @@ def allocation_cost(ranks: Mapping[str, int], costs: Mapping[str, int]) -> int:
     return sum(int(r) * int(costs[n]) for n, r in ranks.items())
 
 
-def allocation_error(ranks: Mapping[str, int], spectra: Mapping[str, torch.Tensor]) -> float:
-    """``sum_l e_l(r_l)``: the objective of :func:`optimal_ranks` (summed squared relative errors), fp64."""
+def allocation_error(ranks: Mapping[str, int], spectra: Mapping[str, torch.Tensor], objective: str = "relative"
+                     ) -> float:
+    """``sum_l e_l(r_l)``: the objective of :func:`optimal_ranks` (summed squared relative or absolute errors), fp64."""
     missing = [n for n in ranks if n not in spectra]
     if missing:
         raise ValueError(f"no spectrum for layer(s) {missing[:5]} ({len(missing)} in all)")
     total = 0.0
     for n, r in ranks.items():
-        e = dropped_energy(spectra[n])  # (k + 1,)
+        e = dropped_energy(spectra[n], objective)  # (k + 1,)
         if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < e.numel():
             raise ValueError(f"layer {n!r}: r={r!r} must be an int in [0, {e.numel() - 1}]")
         total += float(e[r])
@@ -185,6 +222,7 @@ def optimal_ranks(
     budget: int,
     r_min: int = 1,
     r_max: int | None = None,
+    objective: str = "relative",
 ) -> dict[str, int]:
     """The ranks minimising ``sum_l e_l(r_l)`` with ``sum_l c_l r_l <= budget``, exactly (module docstring).
 
@@ -193,6 +231,7 @@ def optimal_ranks(
         costs: ``{name: parameters per rank}`` (:func:`rank_costs`), positive ints.
         budget: parameters to spend (an int).
         r_min, r_max: every layer's rank lies in ``[r_min, r_max]`` (``r_max=None``: up to its k).
+        objective: ``"relative"`` (default) or ``"absolute"`` errors (module docstring).
 
     Returns ``{name: r}`` in ``spectra``'s order. Among optimal allocations it returns one where no layer's
     next rank fits in the budget left (unless all are at ``r_max``).
@@ -210,7 +249,7 @@ def optimal_ranks(
         raise ValueError(f"budget={budget} is below the {forced} parameters that r_min={r_min} costs over "
                          f"{len(bounds)} layers; raise the budget or lower r_min")
     left = budget - forced
-    gam = {n: _gammas(S, n) for n, S in spectra.items()}
+    gam = {n: _gammas(S, n, objective) for n, S in spectra.items()}
     names = list(bounds)
     ranks = {n: lo for n, (lo, _) in bounds.items()}
 
@@ -264,3 +303,73 @@ def threshold_ranks(
         r = min(int(torch.searchsorted(kept, torch.tensor([float(energy)], dtype=F64))[0]) + 1, kept.numel())
         out[n] = min(max(r, lo), hi)
     return out
+
+
+def ranks_at_tolerance(
+    spectra: Mapping[str, torch.Tensor],
+    tolerance: float,
+    r_min: int = 1,
+    r_max: int | None = None,
+    objective: str = "relative",
+) -> dict[str, int]:
+    """``r_l(tau)``: per layer the smallest ``r`` in ``[r_min, r_max]`` with ``e_l(r) <= tolerance`` (the layer's
+    ``r_max``, or its k, when none is: clipped). ``spectra``, bounds and ``objective`` as in :func:`optimal_ranks`;
+    ``tolerance`` a finite number ``>= 0`` in the objective's units (relative: a squared relative error)."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ValueError(f"tolerance={tolerance!r} must be a finite number >= 0 (a squared {objective} error)")
+    bounds = _bounds(spectra, r_min, r_max)
+    drops = {n: dropped_energy(S, objective) for n, S in spectra.items()}  # (k + 1,) each, non-increasing
+    return {n: _at(drops[n], float(tolerance), lo, hi) for n, (lo, hi) in bounds.items()}
+
+
+def _at(e: torch.Tensor, tau: float, lo: int, hi: int) -> int:
+    """Smallest r in [lo, hi] with e[r] <= tau, else hi; ``e`` non-increasing, so ``{r : e[r] > tau}`` is a prefix."""
+    return min(max(int((e > tau).sum()), lo), hi)
+
+
+def tolerance_ranks(
+    spectra: Mapping[str, torch.Tensor],
+    costs: Mapping[str, int],
+    budget: int,
+    r_min: int = 1,
+    r_max: int | None = None,
+    objective: str = "relative",
+) -> dict[str, int]:
+    """The tolerance rule (module docstring, ``"tolerance"``): ``r(tau*)``, the ranks of the smallest common error
+    tolerance ``tau*`` whose ranks cost at most ``budget``. Arguments as in :func:`optimal_ranks`.
+
+    Returns ``{name: r}`` in ``spectra``'s order; ``max_l e_l(r_l)`` over the layers not clipped at ``r_max`` is
+    ``tau*`` (:func:`allocation_tolerance`). Raises ``ValueError`` as :func:`optimal_ranks` (a budget below what
+    ``r_min`` costs names that minimum).
+    """
+    bounds = _bounds(spectra, r_min, r_max)
+    c = _check_costs(costs, bounds)
+    check_count("budget", budget, 0)
+    forced = sum(lo * c[n] for n, (lo, _) in bounds.items())
+    if forced > budget:
+        raise ValueError(f"budget={budget} is below the {forced} parameters that r_min={r_min} costs over "
+                         f"{len(bounds)} layers; raise the budget or lower r_min")
+    drops = {n: dropped_energy(S, objective) for n, S in spectra.items()}
+    T = torch.unique(torch.cat([drops[n][lo:hi + 1] for n, (lo, hi) in bounds.items()]))  # ascending candidates
+
+    def cost(tau: float) -> int:
+        return sum(c[n] * _at(drops[n], tau, lo, hi) for n, (lo, hi) in bounds.items())
+
+    lo_i, hi_i = 0, T.numel() - 1  # cost(T[-1]) == forced <= budget: the answer lies in [lo_i, hi_i]
+    while lo_i < hi_i:
+        mid = (lo_i + hi_i) // 2
+        if cost(float(T[mid])) <= budget:
+            hi_i = mid
+        else:
+            lo_i = mid + 1
+    tau = float(T[hi_i])
+    return {n: _at(drops[n], tau, lo, hi) for n, (lo, hi) in bounds.items()}
+
+
+def allocation_tolerance(ranks: Mapping[str, int], spectra: Mapping[str, torch.Tensor], objective: str = "relative"
+                         ) -> float:
+    """``max_l e_l(r_l)``: the largest per-layer error of an allocation (the tolerance it meets), fp64."""
+    missing = [n for n in ranks if n not in spectra]
+    if missing:
+        raise ValueError(f"no spectrum for layer(s) {missing[:5]} ({len(missing)} in all)")
+    return max(float(dropped_energy(spectra[n], objective)[r]) for n, r in ranks.items())

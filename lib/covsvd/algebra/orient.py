@@ -11,14 +11,24 @@ Every metric is one right factor ``T`` of the weight (docs/algebra.md, "Orientat
     full      T = F, F F^T = M           P = Vh F^{-1}               (whitening; Cholesky L or Q diag(sqrt lam))
     corda     T = M                      P = Vh M^{-1}               (the CorDA paper's svd(W C), as in peft)
 
-with ``M = C + eps I`` (:mod:`covsvd.algebra.damping`). Because ``Vh_r = S_r^{-1} U_r^T W T``, every metric gives
-``U_r S_r P_r = U_r U_r^T W``: the orthogonal projection of W onto an r-dimensional output subspace, which
-metric chooses. ``full`` chooses the Eckart-Young optimum under M; ``corda`` is the optimum under ``M^2``
+with ``M = C + eps I`` (:mod:`covsvd.algebra.damping`). Because ``Vh_r = S_r^{-1} U_r^T W T``, every one-sided
+metric gives ``U_r S_r P_r = U_r U_r^T W``: the orthogonal projection of W onto an r-dimensional output subspace,
+which metric chooses. ``full`` chooses the Eckart-Young optimum under M; ``corda`` is the optimum under ``M^2``
 (its P rows are ``M^2``-orthonormal, not M-orthonormal), a different basis.
 
+``two-sided`` (docs/algebra.md, "The output side: a two-sided metric") adds a left factor ``K``, ``K K^T = N``
+with ``N = G + eps_output I`` the damped output moment::
+
+    K^T W T = U' S Vh     U_r = K^{-T} U'_r  (triangular solve)     P_r = Vh_r T^{-1}
+
+so ``U_r S_r P_r = N^{-1/2} [N^{1/2} W M^{1/2}]_r M^{-1/2}``, the rank-r optimum of ``||N^{1/2} (W - B) M^{1/2}||_F``
+(``T`` as for ``full``, or ``diag`` when C is diagonal; ``K`` likewise for G). U is then N-orthonormal
+(``U^T N U = I``), not orthonormal, and ``U S P`` is no longer an orthogonal projection of W.
+
 The steps, each a pure function below: validate (:func:`covsvd.algebra.validate.orient_options`,
-:func:`covsvd.algebra.validate.moment_parts`) -> :func:`metric_factor` -> :func:`right_factor` -> :func:`decompose`
--> :func:`back_factor` -> :func:`residual` -> :func:`diagnostics`. Everything runs on ``W``'s device.
+:func:`covsvd.algebra.validate.moment_parts`, :func:`covsvd.algebra.validate.output_parts`) -> :func:`metric_factor`
+(and :func:`output_factor`) -> :func:`right_factor` -> :func:`decompose` -> :func:`back_factor` (and
+:func:`front_factor`) -> :func:`residual` -> :func:`diagnostics`. Everything runs on ``W``'s device.
 """
 
 from __future__ import annotations
@@ -32,9 +42,17 @@ from ..util.checks import where
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp, resolve_eps
 from .measures import quad
 from .svd import kept, randomized_svd, truncated_svd
-from .validate import FULL_METRICS, METRICS, moment_parts, orient_options
+from .validate import (
+    FULL_METRICS,
+    METRICS,
+    ORIENT_METRICS,
+    OUTPUT_METRICS,
+    moment_parts,
+    orient_options,
+    output_parts,
+)
 
-__all__ = ["METRICS", "Oriented", "orient"]
+__all__ = ["METRICS", "ORIENT_METRICS", "OUTPUT_METRICS", "Oriented", "orient"]
 
 
 class Oriented(NamedTuple):
@@ -78,6 +96,8 @@ def orient(
     power_iters: int = 2,
     seed: int = 0,
     name: str | None = None,
+    output=None,
+    eps_output: float = DEFAULT_EPS,
 ) -> Oriented:
     """Orient ``W (d_out, d_in)`` by ``metric`` at rank ``r``: ``Oriented(U, S, P, W_res, info)``, on W's device.
 
@@ -87,7 +107,8 @@ def orient(
             needs its ``mean_abs``), a ``(d_in, d_in)`` tensor ``E[x x^T]``, a ``(d_in,)`` diagonal
             ``E[x_i^2]`` (diag / identity only), or ``None`` (identity only). Moved to W's device.
         r: rank, ``1 <= r <= min(d_out, d_in)``.
-        metric: ``"identity"``, ``"diag"``, ``"full"``, ``"corda"`` or ``"asvd"`` (module docstring).
+        metric: ``"identity"``, ``"diag"``, ``"full"``, ``"corda"``, ``"asvd"`` or ``"two-sided"`` (module
+            docstring; two-sided needs ``output``, and C full or diagonal).
         eps, eps_mode: damping ``M = C + eps I``; ``"relative"`` adds ``eps * mean(diag C)``, ``"absolute"``
             adds ``eps`` (for ``asvd`` the diagonal damped is ``s^2``, relative to ``mean(s^2)``). Default
             ``covsvd.DEFAULT_EPS`` relative (see ``covsvd.algebra.damping`` for why): scaling the inputs x by any
@@ -110,6 +131,11 @@ def orient(
             deterministic for a seed on a given device. The residual identity is exact either way (W_res is
             formed from the factors returned); only the optimality of the truncation is approximate.
         name: a layer name, used in error messages.
+        output: two-sided only: the output moment ``G = E[g g^T]`` of the layer (a SecondMoment from
+            :func:`covsvd.capture_output_moments`, a ``(d_out, d_out)`` tensor, or a ``(d_out,)`` diagonal);
+            ``None`` for one-sided metrics (validated by :func:`covsvd.algebra.validate.output_parts`).
+        eps_output: the damping ``N = G + eps_output I`` of the output side, in ``eps_mode`` (relative:
+            ``eps_output * mean(diag G)``); factored by ``solver`` like C.
 
     Raises:
         ValueError: a bad option or moment (:func:`covsvd.algebra.validate.orient_options`,
@@ -131,21 +157,33 @@ def orient(
         returned factors with M the damped data moment you passed (the full C if you passed it, else its
         diagonal, else I), computed in ``compute_dtype`` before rounding; ``error_metric``: which M that was;
         ``count``: real tokens behind C (SecondMoment only).
+        Two-sided also: ``eps_output`` (the absolute value added to G), ``eps_output_arg``, ``cond_output``,
+        ``cond_output_method``, ``clamped_output``, ``count_output``; ``energy_kept`` and ``rel_error`` are then
+        under the two-sided norm, ``||N^{1/2} (W - U S P) M^{1/2}||_F / ||N^{1/2} W M^{1/2}||_F``.
     """
     prefix = where(name)
     storage = orient_options(W, r, metric, eps, eps_mode, components, solver, compute_dtype, storage_dtype, svd,
                              oversample, power_iters, seed, prefix)
     mat, dg, mabs, count = moment_parts(C, metric, r, tuple(W.shape), prefix)
+    gmat, gdg, gcount = output_parts(output, metric, r, tuple(W.shape), eps_output, eps_mode, prefix)
     with torch.no_grad():
         Wc = W.detach().to(compute_dtype)  # (d_out, d_in)
-        mat, dg, mabs = (None if t is None else t.to(dtype=compute_dtype, device=Wc.device) for t in (mat, dg, mabs))
+        mat, dg, mabs, gmat, gdg = (None if t is None else t.to(dtype=compute_dtype, device=Wc.device)
+                                    for t in (mat, dg, mabs, gmat, gdg))
         own = metric_factor(metric, mat, dg, mabs, eps, eps_mode, solver, alpha, compute_dtype, name)
-        U, S, Vh, energy, sketch = decompose(right_factor(Wc, own, metric), r, components, svd, oversample,
+        out = output_factor(gmat, gdg, eps_output, eps_mode, solver, compute_dtype, name)  # None: one-sided
+        U, S, Vh, energy, sketch = decompose(right_factor(Wc, own, metric, out), r, components, svd, oversample,
                                              power_iters, seed)  # (d_out, r), (r,), (r, d_in)
         P = back_factor(Vh, own, metric)  # (r, d_in) Vh_r T^{-1}
+        U = front_factor(U, out)  # (d_out, r) K^{-T} U'_r
         Us, Ss, Ps, W_res = residual(W, U, S, P, storage)
         info = diagnostics(Wc, U, S, P, energy, own, mat, dg, C is None, metric, eps, eps_mode)
-    info.update(metric=metric, components=components, solver=solver if metric in FULL_METRICS else "n/a", r=r,
+    if out is not None:
+        info.update(output_diagnostics(out, info["error_metric"]), eps_output_arg=float(eps_output),
+                    count_output=gcount)
+    two_sided_solver = metric in OUTPUT_METRICS and (mat is not None or gmat is not None)
+    info.update(metric=metric, components=components,
+                solver=solver if metric in FULL_METRICS or two_sided_solver else "n/a", r=r,
                 eps_mode=eps_mode, eps_arg=float(eps), count=count, svd=svd,
                 compute_dtype=str(compute_dtype).removeprefix("torch."),
                 storage_dtype=str(storage).removeprefix("torch."), device=str(W.device), name=name)
@@ -159,18 +197,36 @@ def orient(
 def metric_factor(metric: str, mat, dg, mabs, eps: float, eps_mode: str, solver: str, alpha: float,
                   dtype: torch.dtype, name: str | None) -> Damped | None:
     """The damped metric ``M`` of ``metric`` in factored form (``None`` for identity): full / corda factor
-    ``C + eps I``, diag ``diag(c) + eps``, asvd ``diag((E|x|)^(2 alpha)) + eps``. Tensors already in ``dtype``."""
-    if metric in FULL_METRICS:
+    ``C + eps I``, diag ``diag(c) + eps``, asvd ``diag((E|x|)^(2 alpha)) + eps``; two-sided the input side,
+    ``C + eps I`` (full C) or ``diag(c) + eps`` (diagonal C). Tensors already in ``dtype``."""
+    if metric in FULL_METRICS or (metric in OUTPUT_METRICS and mat is not None):
         return damp(mat, eps, eps_mode, solver=solver, dtype=dtype, name=name)
-    if metric == "diag":
+    if metric == "diag" or metric in OUTPUT_METRICS:
         return damp(dg, eps, eps_mode, dtype=dtype, name=name)
     if metric == "asvd":
         return damp(mabs ** (2 * alpha), eps, eps_mode, dtype=dtype, name=name)
     return None
 
 
-def right_factor(W: torch.Tensor, own: Damped | None, metric: str) -> torch.Tensor:
-    """``W T`` ``(d_out, d_in)``: ``W`` (identity), ``W M`` (corda) or ``W F`` with ``F F^T = M`` (the rest)."""
+def output_factor(gmat, gdg, eps_output: float, eps_mode: str, solver: str, dtype: torch.dtype,
+                  name: str | None) -> Damped | None:
+    """The damped output moment ``N = G + eps_output I`` in factored form (``N = K K^T``): ``solver`` for a full
+    ``(d_out, d_out)`` G, exact for a ``(d_out,)`` diagonal; ``None`` for a one-sided metric (both ``None``)."""
+    if gmat is not None:
+        return damp(gmat, eps_output, eps_mode, solver=solver, dtype=dtype, name=name)
+    if gdg is not None:
+        return damp(gdg, eps_output, eps_mode, dtype=dtype, name=name)
+    return None
+
+
+def right_factor(W: torch.Tensor, own: Damped | None, metric: str, out: Damped | None = None) -> torch.Tensor:
+    """``W T`` ``(d_out, d_in)``: ``W`` (identity), ``W M`` (corda) or ``W F`` with ``F F^T = M`` (the rest);
+    two-sided ``K^T W F`` with ``K K^T = N`` (``out``, required: raises ``ValueError`` without it, so a caller that
+    forgot the output side never gets the input-only spectrum)."""
+    if metric in OUTPUT_METRICS:
+        if out is None:
+            raise ValueError(f"metric={metric!r} needs the factored output moment (output_factor); got none")
+        return out.factor(own.factor(W).T).T  # (K^T (W F)) = ((W F)^T K)^T
     if own is None:
         return W
     return own.mul(W) if metric == "corda" else own.factor(W)
@@ -209,6 +265,13 @@ def back_factor(Vh: torch.Tensor, own: Damped | None, metric: str) -> torch.Tens
     return own.solve(Vh) if metric == "corda" else own.factor_inv(Vh)
 
 
+def front_factor(U: torch.Tensor, out: Damped | None) -> torch.Tensor:
+    """``U = K^{-T} U'`` ``(d_out, r)`` for two-sided (a triangular solve, never an inverse); ``U'`` itself otherwise."""
+    if out is None:
+        return U
+    return out.factor_inv(U.T).T  # (U'^T K^{-1})^T = K^{-T} U'
+
+
 def residual(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tensor, storage: torch.dtype):
     """``(U_s, S_s, P_s, W_res)``: the factors rounded to ``storage`` first, then ``W_res = W - U_s diag(S_s) P_s``
     from the rounded factors in fp32 (fp64 for fp64 storage): "bf16-tight", ``W_res + U_s S_s P_s == W`` to the
@@ -228,7 +291,7 @@ def diagnostics(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tens
     total = energy.total
     energy_kept = float((S.to(torch.float64) ** 2).sum()) / total if total > 0 else float("nan")
     own_err = math.sqrt(energy.dropped / total) if total > 0 else float("nan")
-    if metric == "full" or (metric == "diag" and mat is None) or (metric == "identity" and no_moment):
+    if metric in ("full", *OUTPUT_METRICS) or (metric == "diag" and mat is None) or (metric == "identity" and no_moment):
         # the metric that oriented is the data metric: its dropped energy is the functional error
         rel_error = own_err
         error_metric = "I" if own is None else ("C+eps I" if mat is not None else "diag(c)+eps")
@@ -248,3 +311,12 @@ def diagnostics(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tens
         cond_method = "exact" if own.cond_exact else "lanczos-16 (lower bound)"
     return dict(eps=eps_used, cond=cond, cond_method=cond_method, clamped=clamped, energy_kept=energy_kept,
                 rel_error=rel_error, error_metric=error_metric)
+
+
+def output_diagnostics(out: Damped, input_metric: str) -> dict:
+    """The two-sided keys of ``info`` (see :func:`orient`): the output side's damping and conditioning, and the
+    name of the norm ``rel_error`` is measured in."""
+    left = "G+eps_out I" if out.kind != "diag" else "diag(G)+eps_out"
+    return dict(eps_output=out.eps, cond_output=out.cond, clamped_output=out.clamped,
+                cond_output_method="exact" if out.cond_exact else "lanczos-16 (lower bound)",
+                error_metric=f"({left}) (x) ({input_metric})")

@@ -12,8 +12,14 @@ from ..util.checks import check_choice, check_count, check_finite, check_no_tf32
 from .damping import EPS_MODES, SOLVERS, resolve_eps
 from .svd import COMPONENTS, SVDS
 
-#: Every metric :func:`covsvd.orient` knows (module doc of :mod:`covsvd.algebra.orient`).
+#: The one-sided metrics: each needs at most the input moment C (module doc of :mod:`covsvd.algebra.orient`).
 METRICS = ("identity", "diag", "full", "corda", "asvd")
+#: The metrics that also weigh the output side: they need an output moment G (``orient(..., output=G)``).
+#: ``"two-sided"`` takes the input moment C full (the K-FAC optimum of docs/algebra.md) or diagonal, and G
+#: full ``(d_out, d_out)`` or diagonal ``(d_out,)`` (FWSVD-style rows).
+OUTPUT_METRICS = ("two-sided",)
+#: Every metric :func:`covsvd.orient` accepts.
+ORIENT_METRICS = METRICS + OUTPUT_METRICS
 #: The metrics that need the full ``(d_in, d_in)`` second moment.
 FULL_METRICS = ("full", "corda")
 #: The dtypes orientation decomposes in (``compute_dtype=``).
@@ -28,7 +34,7 @@ def moment_parts(C, metric: str, r: int, W_shape: tuple[int, int], prefix: str =
     Args:
         C: a :class:`~covsvd.SecondMoment`, a ``(d_in, d_in)`` tensor ``E[x x^T]``, a ``(d_in,)`` tensor
             ``E[x_i^2]`` (diag / identity only), or ``None`` (identity only).
-        metric: one of :data:`METRICS`; W_shape: ``(d_out, d_in)`` of the weight; prefix: from :func:`where`.
+        metric: one of :data:`ORIENT_METRICS`; W_shape: ``(d_out, d_in)`` of the weight; prefix: from :func:`where`.
 
     Returns:
         ``(matrix, diagonal, mean_abs, count)`` (each ``None`` when ``C`` does not provide it), tensors fp64
@@ -87,6 +93,70 @@ def moment_parts(C, metric: str, r: int, W_shape: tuple[int, int], prefix: str =
     return C, C.diagonal(), None, None
 
 
+def output_parts(G, metric: str, r: int, W_shape: tuple[int, int], eps_output: float, eps_mode: str,
+                 prefix: str = ""):
+    """Validate the output moment ``G = E[g g^T]`` of :func:`covsvd.orient` and return what orientation reads.
+
+    Args:
+        G: for ``metric="two-sided"``: a :class:`~covsvd.SecondMoment` of the layer's output gradients (from
+            :func:`covsvd.capture_output_moments`; its ``d_in`` field is then the output width ``d_out``), a
+            ``(d_out, d_out)`` symmetric tensor, or a ``(d_out,)`` diagonal ``E[g_i^2]``. For a one-sided metric:
+            ``None``.
+        metric, r, W_shape: as in :func:`moment_parts`; eps_output, eps_mode: the output side's damping.
+
+    Returns:
+        ``(matrix, diagonal, count)``: ``matrix`` ``(d_out, d_out)`` or ``None`` (a diagonal G), ``diagonal``
+        ``(d_out,)`` or ``None`` (full G), ``count`` (SecondMoment only); all ``None`` for a one-sided metric.
+
+    Raises:
+        ValueError: ``output`` given for a one-sided metric or missing for a two-sided one; a G whose width is
+            not ``d_out`` (an input moment or another layer's), fewer than ``r`` tokens, NaN/inf, a non-symmetric
+            matrix, a bad ``eps_output``.
+        TypeError: ``G`` of another type.
+    """
+    d_out = W_shape[0]
+    if metric not in OUTPUT_METRICS:
+        if G is not None:
+            raise ValueError(f"{prefix}output= was given but metric={metric!r} weighs the input side only; use "
+                             f"metric='two-sided' to weigh the output by G, or drop output=")
+        return None, None, None
+    resolve_eps(eps_output, eps_mode, 1.0)  # raises for a negative / non-finite eps_output
+    if G is None:
+        raise ValueError(f"{prefix}metric={metric!r} needs the output moment G of this layer: pass output= (from "
+                         "covsvd.capture_output_moments(model, batches)), a (d_out, d_out) or a (d_out,) tensor")
+    if isinstance(G, SecondMoment):
+        if G.d_in != d_out:
+            raise ValueError(f"{prefix}W has shape {W_shape} (d_out={d_out}) but the output moment has width "
+                             f"{G.d_in}: pass the layer's output moment (capture_output_moments), not its input "
+                             "moment or another layer's")
+        if G.count < r:
+            raise ValueError(f"{prefix}the output moment saw {G.count} token gradients, fewer than r={r}; add "
+                             "calibration text (or lower r): G has rank < r")
+        for key in ("sum_xx", "sum_x", "sum_abs"):
+            check_finite(getattr(G, key), f"output SecondMoment.{key}", prefix)
+        return (G.matrix() if G.kind == "full" else None), (G.diag() if G.kind == "diag" else None), G.count
+    if not isinstance(G, torch.Tensor):
+        raise TypeError(f"{prefix}output is a {type(G).__name__}; expected covsvd.SecondMoment, a (d_out, d_out) "
+                        "tensor or a (d_out,) tensor")
+    G = G.detach()
+    if G.dim() == 1:
+        if G.shape[0] != d_out:
+            raise ValueError(f"{prefix}W has shape {W_shape} but the diagonal output moment has shape "
+                             f"{tuple(G.shape)}; expected ({d_out},)")
+        check_finite(G, "output G", prefix)
+        return None, G, None
+    if G.dim() != 2 or tuple(G.shape) != (d_out, d_out):
+        raise ValueError(f"{prefix}W has shape {W_shape} but the output moment G has shape {tuple(G.shape)}; "
+                         f"expected ({d_out}, {d_out}) (or ({d_out},) for a diagonal G)")
+    check_finite(G, "output G", prefix)
+    scale = float(G.abs().max())
+    asym = float((G - G.T).abs().max())
+    if asym > SYMMETRY_TOL * scale:
+        raise ValueError(f"{prefix}G is not symmetric (max |G - G^T| = {asym:.3g}, max |G| = {scale:.3g}); "
+                         "pass the output second moment E[g g^T]")
+    return G, None, None
+
+
 def orient_options(W, r: int, metric: str, eps: float, eps_mode: str, components: str, solver: str,
                    compute_dtype: torch.dtype, storage_dtype: torch.dtype | None, svd: str, oversample: int,
                    power_iters: int, seed: int, prefix: str = "") -> torch.dtype:
@@ -101,7 +171,7 @@ def orient_options(W, r: int, metric: str, eps: float, eps_mode: str, components
     while TF32 matmuls are enabled (:func:`covsvd.util.checks.check_no_tf32`: the decompositions when
     ``compute_dtype`` is float32, the residual ``W - U S P`` whenever storage is not float64).
     """
-    check_choice("metric", metric, METRICS, f"{prefix}unknown ")
+    check_choice("metric", metric, ORIENT_METRICS, f"{prefix}unknown ")
     check_choice("components", components, COMPONENTS, prefix)
     check_choice("solver", solver, SOLVERS, prefix)
     check_choice("eps_mode", eps_mode, EPS_MODES, prefix)

@@ -8,6 +8,11 @@ accumulators (O(d_in) each) when the model is a transformers model (``config.voc
 weights; otherwise (or when that forward fails) no sharing is assumed, an upper bound, and
 :attr:`MemoryEstimate.sharing` says which.
 
+Output moments (:func:`covsvd.capture_output_moments`, ``side="output"``): one accumulator per target over its
+output width ``d_out`` (``sum_xx`` ``d_out^2`` or ``d_out``, plus two ``d_out`` sums), never shared, all at once
+(the backward needs the whole model: no layerwise capture); the row buffer is ``tokens x widest d_out`` fp64.
+The forward and backward's own activations are the model's, not the estimate's.
+
 Besides the accumulators, capture holds per batch one row buffer of ``tokens x widest d_in`` in the Gram
 product's dtype (:meth:`MemoryEstimate.row_buffer_bytes`), and layerwise capture the cached block outputs
 (``tokens x hidden`` per batch, on ``offload``); neither depends on the targets, so neither is in the totals.
@@ -27,6 +32,9 @@ from .hooked import MomentCapture, module_device
 from .layerwise import find_blocks
 from .moments import KINDS
 from .options import BlockSpec
+
+#: Which moments :func:`estimate_memory` sizes: the inputs' (capture_moments) or the outputs' (capture_output_moments).
+SIDES = ("input", "output")
 
 
 def accumulator_bytes(d_in: int, kind: str = "full") -> int:
@@ -56,7 +64,8 @@ class MemoryEstimate:
             ``layerwise`` is off).
         outside_bytes: the accumulators of targets outside the blocks (all of them without blocks).
         sharing: how sharing was known (discovered by a forward, or none assumed and why).
-        widest: the widest ``d_in`` (the width of the per-batch row buffer).
+        widest: the widest ``d_in`` (``d_out`` for output moments): the width of the per-batch row buffer.
+        side: ``"input"`` (capture_moments) or ``"output"`` (capture_output_moments).
     """
 
     kind: str
@@ -68,6 +77,7 @@ class MemoryEstimate:
     outside_bytes: int = 0
     sharing: str = ""
     widest: int = 0
+    side: str = "input"
 
     @property
     def total_bytes(self) -> int:
@@ -91,7 +101,8 @@ class MemoryEstimate:
 
     def __str__(self) -> str:
         lines = [
-            f"MemoryEstimate(kind={self.kind}, fp64 sums, {self.accumulate} products; sharing {self.sharing})",
+            f"MemoryEstimate({self.side} moments, kind={self.kind}, fp64 sums, {self.accumulate} products; "
+            f"sharing {self.sharing})",
             f"  {len(self.per_target)} targets in {len(self.groups)} accumulators: every one at once "
             f"{format_bytes(self.total_bytes)}",
         ]
@@ -132,6 +143,7 @@ def estimate_memory(
     *,
     accumulate: str = "float64",
     blocks: BlockSpec = None,
+    side: str = "input",
 ) -> MemoryEstimate:
     """The bytes of every accumulator :func:`covsvd.capture_moments` would hold, and the layerwise peak.
 
@@ -140,12 +152,19 @@ def estimate_memory(
         layerwise: which capture :attr:`MemoryEstimate.peak_bytes` describes; with ``True`` the blocks must
             be found (:func:`covsvd.capture.layerwise.find_blocks`, ``blocks=`` as in capture) or it raises.
         blocks: where the blocks are (layerwise capture's ``blocks=``).
+        side: ``"input"`` (:func:`covsvd.capture_moments`) or ``"output"`` (:func:`covsvd.capture_output_moments`:
+            ``d_out``-sized accumulators, no sharing, no probe forward; ``layerwise`` and ``accumulate="float32"``
+            raise, as that capture has neither).
 
     Nothing is allocated beyond one 2-token probe forward with O(d_in) accumulators (module doc); the
     estimate equals the summed ``nbytes`` of the sums a capture holds (with ``share_inputs=True``).
     """
     check_choice("kind", kind, KINDS)
     check_choice("accumulate", accumulate, ACCUMULATE)
+    check_choice("side", side, SIDES)
+    if side == "output" and (layerwise or accumulate != "float64"):
+        raise ValueError("side='output': output moments are captured all at once (the backward needs the whole "
+                         "model) with fp64 products; use layerwise=False and accumulate='float64'")
     names = find_targets(model, targets)
     try:
         found = [name for name, _ in find_blocks(model, blocks)]
@@ -154,8 +173,11 @@ def estimate_memory(
             raise
         found = []
     modules = dict(model.named_modules())
-    d_in = {n: in_out_features(modules[n])[1] for n in names}
-    leader, how = _leaders(model, names)
+    d_in = {n: in_out_features(modules[n])[1 if side == "input" else 0] for n in names}  # the accumulated width
+    if side == "input":
+        leader, how = _leaders(model, names)
+    else:
+        leader, how = dict(zip(names, names, strict=True)), "none (output moments: one accumulator per target)"
     per_target = {n: accumulator_bytes(d_in[n], kind) if leader[n] == n else 0 for n in names}
     groups: dict[str, list[str]] = {}
     for n in names:
@@ -167,4 +189,4 @@ def estimate_memory(
             per_block[owner[n]] += nbytes
     outside = sum(nbytes for n, nbytes in per_target.items() if owner[n] is None)
     return MemoryEstimate(kind, accumulate, layerwise, per_target, groups, per_block, outside, how,
-                          max(d_in.values()))
+                          max(d_in.values()), side)

@@ -1,0 +1,1 @@
+"""On top of the pipeline: ``python -m covsvd`` / ``covsvd`` (capture, init, and the lab's verbs)."""

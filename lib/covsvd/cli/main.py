@@ -15,8 +15,11 @@ same batches and takes every N-th one, the process group is initialised (gloo on
 process on ``cuda:LOCAL_RANK``; :mod:`covsvd.cli.launch`), the moments are summed across processes
 (``capture_moments(..., all_reduce=True)``) and rank 0 alone writes, atomically.
 
-Bad input exits with status 1 and one line on stderr, before anything is written: every output is written
-atomically (:mod:`covsvd.util.files`), so an error leaves no partial file.
+Bad input exits with one line on stderr, before the model is loaded (:mod:`covsvd.cli.checks`): a malformed
+option value exits 2 (argparse), any other refusal 1 (``--targets`` that is not a valid regex, a missing input
+file, an output that exists without ``--overwrite`` or that cannot be written, a device that is not there, and
+every ``ValueError`` / ``TypeError`` / ``OSError`` of the library). Every output is written atomically
+(:mod:`covsvd.util.files`), so an error leaves no partial file.
 
 Verbs of installed extensions are found through the ``covsvd.cli.main`` entry-point group: each entry point names a
 function ``add(subparsers)`` that creates its parser and sets ``run=<function(args) -> int>``. The lab registers
@@ -29,94 +32,27 @@ inside the run function so ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from ..algebra.orient import METRICS
+from .checks import CLIError, check_input, check_output, positive_int, target_spec
+from .inputs import DTYPES, MODEL_CLASSES, check_data, load, make_batches, token_mask
 from .launch import Launch, free_memory, rank0
 
 ENTRY_POINTS = "covsvd.cli.main"
-DTYPES = ("float32", "bfloat16", "float16")
-MODEL_CLASSES = ("auto", "causal-lm", "base")
-#: What :func:`covsvd.orient` reads from the moments, per metric: the capture kind it needs.
-METRIC_KIND = {"identity": None, "diag": "diag", "asvd": "diag", "full": "full", "corda": "full"}
-
-
-class CLIError(Exception):
-    """A refusal with a message for the user (printed on stderr; exit status 1)."""
+#: Exceptions that are the user's input, not a bug: one line on stderr and exit status 1.
+USER_ERRORS = (CLIError, ValueError, TypeError, OSError, ImportError, re.error)
 
 
 def say(*args) -> None:
     """Print from rank 0 only (every process of a torchrun launch runs the same code)."""
     if rank0():
         print(*args, flush=True)
-
-
-# ---------------------------------------------------------------------------------------- the model
-
-
-def model_class(path: Path, choice: str = "auto"):
-    """The transformers ``Auto*`` class to load ``path`` with.
-
-    ``auto``: ``AutoModelForCausalLM`` when an architecture in ``config.json`` is a causal LM (its name ends
-    in ``ForCausalLM``, or ``AutoModelForCausalLM`` maps a model type to it, e.g. ``GPT2LMHeadModel``):
-    decoder LLMs keep their output head, so an exported checkpoint is complete. Else ``AutoModel`` (the bare
-    encoder / decoder). ``causal-lm`` / ``base`` force one of them.
-    """
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    if choice == "auto":
-        try:
-            archs = json.loads((path / "config.json").read_text()).get("architectures") or []
-        except (OSError, ValueError):
-            archs = []  # load_model raises, naming the missing checkpoint
-        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-        choice = "causal-lm" if any(str(a).endswith("ForCausalLM") or a in causal for a in archs) else "base"
-    return AutoModelForCausalLM if choice == "causal-lm" else AutoModel
-
-
-def load(args: argparse.Namespace, device):
-    """``(model, tokenizer)`` from ``--model`` in ``--dtype`` on ``device``, eval mode."""
-    import torch
-
-    import covsvd
-
-    path = covsvd.default_model_path() if args.model == "default" else Path(args.model)
-    model, tokenizer = covsvd.load_model(path, dtype=getattr(torch, args.dtype),
-                                         model_class=model_class(Path(path), args.model_class))
-    return model.to(device), tokenizer
-
-
-def make_batches(args: argparse.Namespace, tokenizer) -> list:
-    """Calibration batches from ``--data`` (or the embedded corpus), ``labels`` kept only for ``--token-mask labels``."""
-    import covsvd
-
-    from ..data import textfiles as textdata
-
-    size = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens)
-    if args.prompt_field:
-        if not args.data:
-            raise CLIError("--prompt-field needs --data (a .jsonl or .parquet file with that field)")
-        batches = textdata.prompt_batches(tokenizer, args.data, args.prompt_field, args.text_field, **size)
-        if token_mask(args) is None:  # every token counts: the labels are not passed on
-            batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
-        return batches
-    if token_mask(args) is not None:
-        raise CLIError("--token-mask labels needs labels: give --prompt-field (instruction data in a .jsonl / "
-                       ".parquet file); plain text has none")
-    if args.data:
-        return textdata.text_batches(tokenizer, args.data, args.text_field, split=args.split or "all", **size)
-    return covsvd.calibration_batches(tokenizer, split=args.split or "train", **size)
-
-
-def token_mask(args: argparse.Namespace) -> str | None:
-    """``"labels"`` (count only tokens whose label is not -100) or ``None`` (every real token)."""
-    mode = args.token_mask or ("labels" if args.prompt_field else "all")
-    return "labels" if mode == "labels" else None
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -158,7 +94,7 @@ def check_memory(model, launch: Launch, targets, kind: str, accumulate: str, lay
             fixes.append("`covsvd init --layerwise --format covsvd` (streams: one block's moments at a time)")
         if kind == "full":
             fixes.append(f"{diag_flag} (O(d_in) per layer)")
-        fixes.append("fewer targets (--targets REGEX)")
+        fixes.append("fewer targets (--targets NAME ... or REGEX)")
         raise CLIError(f"the accumulators need {' and '.join(over)}: use " + ", or ".join(fixes))
 
 
@@ -166,82 +102,104 @@ def check_memory(model, launch: Launch, targets, kind: str, accumulate: str, lay
 
 
 def run_capture(args: argparse.Namespace) -> int:
-    """Load, build the batches (this process's shard), check memory, capture, and (rank 0) save the moments."""
+    """Check the input (``--targets``, ``--data``, ``--device``, ``--out``) before anything runs; load, build the
+    batches (this process's shard), check memory, capture, and (rank 0) save the moments."""
     import covsvd
 
+    targets = target_spec(args.targets)
+    check_data(args)
+    launch = Launch(args.device)
+    out = check_output(args.out, "--out", overwrite=args.overwrite)
     t0 = time.perf_counter()
-    with Launch(args.device) as launch:
+    with launch:
         model, tokenizer = load(args, launch.device)
         batches = make_batches(args, tokenizer)
         n_tokens = covsvd.count_tokens(batches)
         mine = launch.shard(batches)
-        check_memory(model, launch, args.targets, args.kind, args.accumulate, args.layerwise, streams=False,
+        check_memory(model, launch, targets, args.kind, args.accumulate, args.layerwise, streams=False,
                      diag_flag="--kind diag")
         t1 = time.perf_counter()
         moments = covsvd.capture_moments(
-            model, mine, targets=args.targets, kind=args.kind, progress=args.progress and launch.rank == 0,
+            model, mine, targets=targets, kind=args.kind, progress=args.progress and launch.rank == 0,
             accumulate=args.accumulate, all_reduce=launch.world > 1, layerwise=args.layerwise,
             token_mask=token_mask(args))
         t2 = time.perf_counter()
         if launch.rank == 0:
-            covsvd.save_moments(moments, args.out, model=model)
+            covsvd.save_moments(moments, out, model=model, overwrite=args.overwrite)
         counted = max(m.count for m in moments.values())
     say(f"captured {len(moments)} modules (kind={args.kind}, {'layerwise' if args.layerwise else 'all at once'}) "
         f"over {counted} counted tokens ({n_tokens} real) on {launch.device} in {launch.world} process(es) "
-        f"-> {args.out}\nload {t1 - t0:.1f} s, capture {t2 - t1:.1f} s, save {time.perf_counter() - t2:.1f} s")
+        f"-> {out}\nload {t1 - t0:.1f} s, capture {t2 - t1:.1f} s, save {time.perf_counter() - t2:.1f} s")
     return 0
 
 
 # --------------------------------------------------------------------------------------------- init
 
 
-def run_init(args: argparse.Namespace) -> int:
-    """Refuse an existing ``--out`` (unless ``--overwrite``) before anything runs; load; take the moments from
-    ``--moments`` or capture them (streaming through ``init_adapters`` with ``--layerwise --format covsvd`` in
-    one process); then rank 0 writes ``--format peft`` (``export_peft``) or ``covsvd`` (attach + save)."""
-    import covsvd
-    from covsvd.adapt.init import init_adapters
-    from covsvd.export.peft import export_peft
-
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+def check_init(args: argparse.Namespace, launch: Launch, kind: str | None) -> bool:
+    """Every check of ``covsvd init``'s input that needs no model (:class:`CLIError`); returns whether the init
+    streams (``--layerwise --format covsvd``, moments captured here, one process)."""
     if args.moments and args.data:
         raise CLIError("give --moments FILE or --data FILE, not both")
-    kind = METRIC_KIND[args.metric]
+    if args.moments and launch.world > 1:
+        raise CLIError("--moments needs no capture: run init in one process (without torchrun)")
+    check_input(args.moments, "--moments")
+    check_data(args)
+    stream = (args.layerwise and args.format == "covsvd" and kind is not None and not args.moments
+              and launch.world == 1)
+    if args.moments_dir is not None and not stream:
+        raise CLIError("--moments-dir keeps the blocks of a streaming init: add --layerwise --format covsvd (one "
+                       "process, no --moments, a metric other than identity), or leave --moments-dir out")
+    check_output(args.out, "--out", directory=args.format == "peft", overwrite=args.overwrite)
+    if args.moments_dir is not None:
+        check_output(args.moments_dir, "--moments-dir", directory=True, reuse=True)
+    return stream
+
+
+def run_init(args: argparse.Namespace) -> int:
+    """Check the input (:func:`check_init`: an existing ``--out`` is refused unless ``--overwrite``) before
+    anything runs; load; take the moments from ``--moments`` or capture them (streaming through
+    ``init_adapters`` with ``--layerwise --format covsvd`` in one process); then rank 0 writes ``--format peft``
+    (``export_peft``) or ``covsvd`` (attach + save)."""
+    import covsvd
+    from covsvd.adapt.init import init_adapters
+    from covsvd.adapt.plan import capture_kind
+    from covsvd.export.peft import export_peft
+
+    kind = None if args.metric == "identity" else capture_kind(args.metric)  # identity reads no moments
+    targets = target_spec(args.targets)
+    launch = Launch(args.device)
+    stream = check_init(args, launch, kind)
+    out = Path(args.out)
     orient_kw = {k: v for k, v in (("eps", args.eps), ("eps_mode", args.eps_mode)) if v is not None}
     t0 = time.perf_counter()
-    with Launch(args.device) as launch:
+    with launch:
         model, tokenizer = load(args, launch.device)
         moments, report = None, None
-        stream = args.layerwise and args.format == "covsvd" and kind is not None and not args.moments
         if args.moments:
-            if launch.world > 1:
-                raise CLIError("--moments needs no capture: run init in one process (without torchrun)")
             moments = covsvd.load_moments(args.moments, model)
         elif kind is not None:
             batches = make_batches(args, tokenizer)
-            stream = stream and launch.world == 1
-            check_memory(model, launch, args.targets, kind, args.accumulate, args.layerwise, stream,
+            check_memory(model, launch, targets, kind, args.accumulate, args.layerwise, stream,
                          diag_flag="--metric diag")
             if stream:  # capture a block, orient, attach, free its moments
                 capture = dict(kind=kind, token_mask=token_mask(args), accumulate=args.accumulate, layerwise=True)
-                report = init_adapters(model, batches, args.r, args.metric, targets=args.targets, capture=capture,
+                report = init_adapters(model, batches, args.r, args.metric, targets=targets, capture=capture,
                                        moments_dir=args.moments_dir, progress=args.progress, **orient_kw)
             else:
                 moments = covsvd.capture_moments(
-                    model, launch.shard(batches), targets=args.targets, kind=kind,
+                    model, launch.shard(batches), targets=targets, kind=kind,
                     progress=args.progress and launch.rank == 0, accumulate=args.accumulate,
                     all_reduce=launch.world > 1, layerwise=args.layerwise, token_mask=token_mask(args))
         t1 = time.perf_counter()
         if launch.rank != 0:
             return 0
         if args.format == "peft":  # targets None: every layer of the moments (every default target for identity)
-            export_peft(model, moments, out, args.r, args.metric, targets=args.targets, tokenizer=tokenizer,
+            export_peft(model, moments, out, args.r, args.metric, targets=targets, tokenizer=tokenizer,
                         overwrite=args.overwrite, progress=args.progress, **orient_kw)
         else:
             if report is None:
-                report = covsvd.attach_adapters(model, moments, args.r, args.metric, targets=args.targets,
+                report = covsvd.attach_adapters(model, moments, args.r, args.metric, targets=targets,
                                                 progress=args.progress, **orient_kw)
             covsvd.save_adapters(model, out, overwrite=args.overwrite)
     say(f"{report if report is not None else f'{args.metric} r={args.r}'} -> {out} ({args.format})\n"
@@ -280,9 +238,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    "--prompt-field). Padding never counts")
     p.add_argument("--split", choices=("train", "heldout", "all"), default=None,
                    help="passages to use (default: train for the embedded corpus, all for --data)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per batch (default 16)")
-    p.add_argument("--seq-len", type=int, default=128, metavar="T", help="tokens per window (default 128)")
-    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="B",
+                   help="sequences per batch (default 16)")
+    p.add_argument("--seq-len", type=positive_int, default=128, metavar="T", help="tokens per window (default 128)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
                    help="stop after N real tokens (default: all the data)")
 
 
@@ -290,8 +249,12 @@ def add_capture_args(p: argparse.ArgumentParser, kind: bool) -> None:
     if kind:
         p.add_argument("--kind", choices=("full", "diag"), default="full",
                        help="full (d_in x d_in) or diag (d_in) second moment (default full)")
-    p.add_argument("--targets", default=None, metavar="REGEX",
-                   help="only modules whose full name matches REGEX (default: covsvd.find_targets' default)")
+    p.add_argument("--targets", nargs="+", default=None, metavar="NAME|REGEX",
+                   help="which Linear/Conv1D modules, as peft's target_modules: module names (--targets q_proj "
+                   "v_proj: every module whose full name is one of them or ends with '.NAME'), or one regular "
+                   "expression matched against the whole name (--targets '.*mlp\\..*'). A single value of "
+                   "letters, digits, '_' and '.' only is a name, so --targets q_proj selects every *.q_proj. "
+                   "Default: every Linear/Conv1D but the output head and modules tied to an embedding")
     p.add_argument("--layerwise", action="store_true",
                    help="run the data through one transformer block at a time: one block's accumulators "
                    "alive at once")
@@ -310,6 +273,7 @@ def add_capture(sub) -> None:
     )
     add_model_args(p)
     p.add_argument("--out", required=True, metavar="FILE", help="output file (e.g. model.moments.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_data_args(p)
     add_capture_args(p, kind=True)
     p.set_defaults(run=run_capture)
@@ -329,8 +293,9 @@ def add_init(sub) -> None:
     p.add_argument("--moments", default=None, metavar="FILE", help="a moments file from `covsvd capture`")
     add_data_args(p)
     add_capture_args(p, kind=False)
-    p.add_argument("--r", type=int, required=True, metavar="INT", help="rank kept per layer")
-    p.add_argument("--metric", choices=tuple(METRIC_KIND), default="full", help="orientation metric (default full)")
+    p.add_argument("--r", type=positive_int, required=True, metavar="INT", help="rank kept per layer")
+    p.add_argument("--metric", choices=METRICS, default="full",
+                   help="orientation metric (default full; identity is plain SVD and reads no data)")
     p.add_argument("--eps", type=float, default=None, help="damping (default: covsvd.orient's)")
     p.add_argument("--eps-mode", choices=("absolute", "relative"), default=None,
                    help="eps absolute, or relative to mean(diag C) (default: covsvd.orient's)")
@@ -339,7 +304,8 @@ def add_init(sub) -> None:
     p.add_argument("--out", required=True, metavar="PATH", help="output directory (peft) or file (covsvd)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--moments-dir", default=None, metavar="DIR",
-                   help="streaming init: keep each finished block's moments here, so a rerun resumes")
+                   help="streaming init (--layerwise --format covsvd): keep each finished block's moments here, "
+                   "so a rerun resumes")
     p.set_defaults(run=run_init)
 
 
@@ -353,8 +319,16 @@ def extension_verbs() -> list[Callable]:
     return [ep.load() for ep in sorted(entry_points(group=ENTRY_POINTS), key=lambda ep: ep.name)]
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr naming ``--help`` (exit status 2); the usage
+    stays in ``--help``. Subparsers are made of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m covsvd", description="covsvd: covariance-oriented SVD initialisation of adapters."
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -363,12 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """``str(error)`` on one line (a multi-line message's lines joined by ``"; "``); the type's name when empty."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one verb; returns its exit status. User errors (bad input, refusals) print one line on stderr and
-    return 1; argparse's own errors exit 2."""
+    """Run one verb; returns its exit status. User errors (:data:`USER_ERRORS`: bad input, refusals, the
+    library's ``ValueError`` / ``TypeError`` / ``OSError``) print one line on stderr and return 1; a malformed
+    option value is argparse's error: one line, ``SystemExit(2)``."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (CLIError, ValueError, OSError, ImportError) as e:
-        print(f"covsvd {args.verb}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"covsvd {args.verb}: error: {one_line(e)}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ name list is the user's explicit choice and may still select them (attach then r
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterable
 
@@ -92,52 +93,80 @@ def embedding_modules(model: nn.Module) -> list[str]:
 def find_targets(model: nn.Module, targets: TargetSpec = None) -> list[str]:
     """Names of the Linear/Conv1D modules selected by ``targets``, in ``named_modules`` order.
 
-    ``targets`` may be:
+    ``targets`` follows peft's ``target_modules``:
       * ``None``: every ``nn.Linear`` and ``Conv1D`` except the output embeddings and modules tied to an
         embedding (:func:`embedding_modules`; the LLM convention: the ``lm_head`` is not adapted);
+      * a list (any iterable) of names: every Linear-like module whose full name equals one of them or ends
+        with ``"." + name`` (``["q_proj", "v_proj"]`` selects every block's ``q_proj`` and ``v_proj``; a full
+        name selects that module); each name must select at least one module;
       * a ``str`` or compiled regex: modules whose full name matches it (``re.fullmatch``, so
         ``r".*output\\.dense"`` or an exact name both work);
-      * an iterable of exact names: those modules (each must exist and be Linear-like);
       * a predicate ``f(name, module) -> bool``, called on Linear-like modules only.
 
-    Raises ``ValueError`` naming the spec when nothing matches, or naming the missing/non-linear
-    module when an explicit name is wrong.
+    Raises ``ValueError`` naming the spec when nothing matches, a name that selects nothing (with similar
+    names), a name that selects a module that is not Linear-like, or an invalid regex.
     """
     linear = [(n, m) for n, m in model.named_modules() if is_linear(m)]
     if not linear:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D modules to target")
     if targets is None:
-        skip = set(embedding_modules(model))
-        names = [n for n, _ in linear if n not in skip]
-        if not names:
-            raise ValueError(
-                f"every Linear/Conv1D module of {type(model).__name__} is an output embedding or tied to an "
-                f"embedding ({sorted(skip)[:3]}); name them explicitly with targets=[...] to capture them"
-            )
-        return names
+        return _default_targets(model, linear)
     if isinstance(targets, (str, re.Pattern)):
-        pattern = re.compile(targets) if isinstance(targets, str) else targets
-        names = [n for n, _ in linear if pattern.fullmatch(n)]
-        if not names:
-            raise ValueError(
-                f"target pattern {pattern.pattern!r} matches none of the {len(linear)} Linear/Conv1D modules "
-                f"of {type(model).__name__} (e.g. {linear[0][0]!r}); the pattern must match the full name"
-            )
-        return names
+        return _regex_targets(model, linear, targets)
     if callable(targets):
         names = [n for n, m in linear if targets(n, m)]
         if not names:
             raise ValueError(f"target predicate {targets!r} selected none of the {len(linear)} Linear/Conv1D modules")
         return names
-    wanted = list(targets)
+    return _named_targets(model, linear, list(targets))
+
+
+def _default_targets(model: nn.Module, linear: list) -> list[str]:
+    skip = set(embedding_modules(model))
+    names = [n for n, _ in linear if n not in skip]
+    if not names:
+        raise ValueError(
+            f"every Linear/Conv1D module of {type(model).__name__} is an output embedding or tied to an "
+            f"embedding ({sorted(skip)[:3]}); name them explicitly with targets=[...] to capture them"
+        )
+    return names
+
+
+def _regex_targets(model: nn.Module, linear: list, targets) -> list[str]:
+    try:
+        pattern = re.compile(targets) if isinstance(targets, str) else targets
+    except re.error as e:
+        raise ValueError(f"targets={targets!r} is not a valid regular expression ({e}); pass a regex that matches "
+                         "full module names, or a list of names such as ['q_proj', 'v_proj']") from e
+    names = [n for n, _ in linear if pattern.fullmatch(n)]
+    if not names:
+        hint = (f"; to select every module named like it, pass a list: targets=[{targets!r}]"
+                if isinstance(targets, str) and any(n == targets or n.endswith("." + targets) for n, _ in linear)
+                else "")
+        raise ValueError(
+            f"target pattern {pattern.pattern!r} matches none of the {len(linear)} Linear/Conv1D modules "
+            f"of {type(model).__name__} (e.g. {linear[0][0]!r}): a string is a regex that must match the full "
+            f"name{hint}"
+        )
+    return names
+
+
+def _named_targets(model: nn.Module, linear: list, wanted: list[str]) -> list[str]:
     if not wanted:
         raise ValueError("targets is an empty list: pass None for every Linear/Conv1D module")
     modules = dict(model.named_modules())
-    for n in wanted:
-        if n not in modules:
-            close = [m for m, _ in linear if n.split(".")[-1] in m][:3]
-            raise ValueError(f"target {n!r} is not a module of {type(model).__name__}" + (f"; similar: {close}" if close else ""))
-        if not is_linear(modules[n]):
-            raise ValueError(f"target {n!r} is a {type(modules[n]).__name__}, not nn.Linear or Conv1D")
-    order = {n: i for i, (n, _) in enumerate(linear)}
-    return sorted(dict.fromkeys(wanted), key=order.__getitem__)
+    chosen: set[str] = set()
+    for t in wanted:
+        if not isinstance(t, str):
+            raise ValueError(f"targets has {t!r}; a list of targets holds module names (str)")
+        hits = [n for n in modules if n == t or n.endswith("." + t)]
+        if not hits:
+            leaves = sorted({m.rpartition(".")[2] for m, _ in linear})
+            close = difflib.get_close_matches(t.rpartition(".")[2], leaves, n=3)
+            raise ValueError(f"target {t!r} is not a module of {type(model).__name__} (no module is named {t!r} "
+                             "or ends with '." + t + "')" + (f"; similar: {close}" if close else ""))
+        plain = [n for n in hits if not is_linear(modules[n])]
+        if plain and len(plain) == len(hits):
+            raise ValueError(f"target {t!r} is a {type(modules[plain[0]]).__name__}, not nn.Linear or Conv1D")
+        chosen.update(n for n in hits if is_linear(modules[n]))
+    return [n for n, _ in linear if n in chosen]

@@ -1,0 +1,1 @@
+"""Below the pipeline: argument checks, digests and atomic file writes (no covsvd types)."""
