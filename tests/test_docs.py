@@ -82,3 +82,17 @@ def test_which_metric_table_is_the_notebooks_data():
         assert f"{est:.1f} [{lo:.1f}, {hi:.1f}]" in row, row
     untrained = local.filter(pl.col("arm") == "baseline")["estimate_pct"][0]
     assert f"untrained model scores {untrained:.1f}%" in README
+
+
+def test_every_name_the_readme_shows_is_public():
+    """The methods table and the examples use only public names: ``covsvd.NAME`` and the table's first column
+    (``name(`` or bare identifiers) are in ``covsvd.__all__``."""
+    import covsvd
+
+    table = README.split("| covsvd | method | paper |", 1)[1].split("\n\n", 1)[0]
+    first = [row.split("|")[1] for row in table.splitlines()[2:] if row.startswith("|")]
+    names = {m for cell in first for m in re.findall(r"`(\w+)[`(]", cell) if m != "metric"}
+    names |= set(re.findall(r"\bcovsvd\.(\w+)\b", README.split("\n## Gallery", 1)[0]))
+    names -= {"lab", "util", "data", "capture", "algebra", "adapt", "export", "cli"}  # subpackages
+    missing = sorted(n for n in names if n not in covsvd.__all__)
+    assert not missing, f"README.md shows names that covsvd does not export: {missing}"
