@@ -128,7 +128,11 @@ def layout() -> str:
         if not described:
             continue
         out += ["", f"## `{folder}/`", "", "| file | lines | what it is |", "|---|---:|---|"]
-        out += [f"| `{f.name}` | {lines(f)} | {describe(f)} |" for f in described]
+        rows = [(f, describe(f)) for f in described]
+        bare = [f.relative_to(ROOT).as_posix() for f, what in rows if not what and f.name != "__init__.py"]
+        if bare:
+            raise SystemExit(f"docs/make_docs.py: give these files a docstring (or a # title): {bare}")
+        out += [f"| `{f.name}` | {lines(f)} | {what} |" for f, what in rows]
     nbs = sorted((ROOT / "notebooks").glob("*.ipynb"))
     out += ["", "## `notebooks/`", "", "| notebook | what it shows |", "|---|---|"]
     out += [f"| `{nb.name}` | {notebook_title(nb)} |" for nb in nbs]
