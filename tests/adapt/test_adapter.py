@@ -16,7 +16,6 @@ import covsvd
 from covsvd import (
     AttachReport,
     BoundedGainLinear,
-    adapter_parameters,
     adapters,
     attach_adapters,
     detach_adapters,
@@ -24,6 +23,7 @@ from covsvd import (
     save_adapters,
     trainable_parameters,
 )
+from covsvd.adapt import adapter_parameters
 from covsvd.algebra.rotation import block_diag_matrix, n_rotation_params
 from covsvd.capture.moments import SecondMoment
 from covsvd.data.targets import Conv1D, weight_matrix

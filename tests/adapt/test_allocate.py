@@ -13,13 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import covsvd
-from covsvd.adapt.allocate import (
-    allocate_ranks,
+from covsvd.adapt.allocate import allocate_ranks, layer_spectra, metric_spectrum
+from covsvd.algebra.budget import (
     allocation_cost,
     allocation_error,
     dropped_energy,
-    layer_spectra,
-    metric_spectrum,
     optimal_ranks,
     rank_costs,
     threshold_ranks,

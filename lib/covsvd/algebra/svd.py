@@ -36,23 +36,28 @@ def kept(k: int, r: int, components: str) -> slice:
     return slice(0, r) if components == "top" else slice(k - r, k)
 
 
-def truncated_svd(
-    A: torch.Tensor, r: int, components: str = "top", method: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(A: torch.Tensor, r: int, components: str = "top") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``U_r (m, r), S (k,), Vh_r (r, n)`` with ``k = min(m, n)``: all singular values (descending), the
     singular vectors of the r kept ones (``components="top"``: the largest r; ``"bottom"``: the smallest
-    r, still in descending order). ``method``: ``"auto"``, ``"qr"`` or ``"gesdd"`` (plain torch svd).
+    r, still in descending order). A matrix at least ``QR_RATIO`` times longer than wide goes through
+    :func:`qr_svd`; any other through ``torch.linalg.svd``. In ``A``'s dtype.
     """
     m, n = A.shape
     k = min(m, n)
     sl = kept(k, r, components)
-    if method == "auto":
-        method = "qr" if max(m, n) >= QR_RATIO * k else "gesdd"
-    if method == "gesdd" or m == n:
-        U, S, Vh = torch.linalg.svd(A, full_matrices=False)  # (m, k), (k,), (k, n)
-        return U[:, sl], S, Vh[sl]
-    if method != "qr":
-        raise ValueError(f"method={method!r}; expected 'auto', 'qr' or 'gesdd'")
+    if m != n and max(m, n) >= QR_RATIO * k:
+        return qr_svd(A, r, components)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)  # (m, k), (k,), (k, n)
+    return U[:, sl], S, Vh[sl]
+
+
+def qr_svd(A: torch.Tensor, r: int, components: str = "top") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`truncated_svd` of a non-square ``A`` through a QR first: the SVD of the ``(k, k)`` factor ``R``,
+    the kept vectors of the long side applied through the Householder reflectors (``ormqr``), never forming
+    ``Q``. Exact (an SVD of ``A``), in ``A``'s dtype."""
+    m, n = A.shape
+    k = min(m, n)
+    sl = kept(k, r, components)
     if n > m:  # wide: A^T (n, m) = Q R
         a, tau = torch.geqrf(A.T.contiguous())  # a (n, m): R above the diagonal, reflectors below
         R = a[:m].triu()  # (m, m)

@@ -46,6 +46,14 @@ from .options import CaptureOptions
 from .rows import RowBuffers, TokenMaskSpec, TokenRows, mask_key, token_mask
 
 
+def batch_count(batches) -> int | None:
+    """``len(batches)`` when it has one (a list, a DataLoader), else ``None`` (a generator): progress bars."""
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
 def module_device(module: nn.Module) -> torch.device:
     """The device of ``module``'s first parameter (else buffer; CPU for a module with neither)."""
     for p in module.parameters():
@@ -59,7 +67,8 @@ def _to(value, device: torch.device):
     return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
 
-def _bound(forward: Callable, args: tuple) -> dict:
+def bound_arguments(forward: Callable, args: tuple) -> dict:
+    """``forward``'s parameters bound to positional ``args`` (``{}`` when they cannot be bound)."""
     try:
         return inspect.signature(forward).bind_partial(*args).arguments
     except (TypeError, ValueError):
@@ -77,7 +86,7 @@ def as_call(batch, device: torch.device, forward: Callable) -> tuple[tuple, dict
         return (), kwargs, kwargs.get("attention_mask")
     if isinstance(batch, (tuple, list)):
         args = tuple(_to(v, device) for v in batch)
-        return args, {}, _bound(forward, args).get("attention_mask")
+        return args, {}, bound_arguments(forward, args).get("attention_mask")
     if isinstance(batch, torch.Tensor):
         return (batch.to(device, non_blocking=True),), {}, None
     raise TypeError(
@@ -100,7 +109,7 @@ def prepare(batch, device: torch.device, forward: Callable, mask_spec: TokenMask
         takes_cache = "use_cache" in inspect.signature(forward).parameters
     except (TypeError, ValueError):
         takes_cache = False
-    if takes_cache and "use_cache" not in _bound(forward, args):
+    if takes_cache and "use_cache" not in bound_arguments(forward, args):
         kwargs["use_cache"] = False  # no KV cache: it would only hold memory
     return args, kwargs, mask
 

@@ -228,31 +228,14 @@ def iter_block_moments(
     opts = CaptureOptions.make(options, kind=kind)  # every option checked before anything runs
     names = find_targets(model, targets)
     found = find_blocks(model, opts.blocks)
-    offload = torch.device(opts.offload) if opts.offload is not None else None
     inside = {b: [n for n in names if n.startswith(b + ".")] for b, _ in found}
     in_blocks = {n for group_ in inside.values() for n in group_}
     outside = [n for n in names if n not in in_blocks]
-    data = list(batches)
-    if not data:
-        raise ValueError("no batches: `batches` is empty; pass calibration batches (covsvd.calibration_batches)")
-    token_mask = opts.token_mask
-    options = dict(kind=opts.kind, accumulate=opts.accumulate, share_inputs=opts.share_inputs, token_mask=token_mask)
-    device = module_device(model)
-    prepared = [prepare(b, device, model.forward, token_mask) for b in data]  # (args, kwargs, mask) per batch
-    if token_mask is not None and not any(bool(mask.any()) for _, _, mask in prepared):
-        raise ValueError(f"token_mask={token_mask!r} selects no token in any of the {len(data)} batches "
-                         "(padding never counts); check the mask (labels all -100?)")
-    cache: list = [None] * len(data)  # per batch: (last block output on `offload`, its device)
+    prepared = _prepared(model, batches, opts.token_mask)
+    outputs = _Outputs(len(prepared), opts.offload, module_device(model))
     last = max((k for k, (b, _) in enumerate(found) if inside[b]), default=-1)
-
-    def cached(b: int):
-        out, home = cache[b]
-        return _move(out, home) if offload is not None else out
-
-    def store(b: int, out) -> None:
-        first = _first_tensor(out)
-        home = first.device if first is not None else device
-        cache[b] = (_move(out, offload) if offload is not None else out, home)
+    options = dict(kind=opts.kind, accumulate=opts.accumulate, share_inputs=opts.share_inputs,
+                   token_mask=opts.token_mask)
 
     def finish(cap: MomentCapture, names_: list[str] | None = None) -> dict[str, SecondMoment]:
         return cap.moments(all_reduce=opts.all_reduce, group=opts.group, names=names_)
@@ -272,17 +255,7 @@ def iter_block_moments(
                     cap = (stack.enter_context(MomentCapture(model, inside[bname], device=module_device(block),
                                                              **options)) if inside[bname] and reused is None else None)
                     pre = stack.enter_context(MomentCapture(model, outside, **options)) if i == 0 and outside else None
-                    where = module_device(block)
-                    for b, (args, kwargs, mask) in enumerate(prepared):
-                        prev = cached(b) if i > 0 else None
-                        catch = partial(_catch, model, found, i, prev, args, kwargs)
-                        with torch.no_grad():
-                            bargs, bkwargs = pre.run(catch, mask) if pre is not None else catch()
-                        del prev
-                        call = partial(block, *bargs, **bkwargs)
-                        with torch.no_grad():
-                            store(b, cap.run(call, _to(mask, where)) if cap is not None else call())
-                        del bargs, bkwargs, call
+                    _run_block(model, found, i, prepared, outputs, cap, pre)
                     if pre is not None:
                         seen = pre.seen()
                         after = [n for n in outside if n not in seen]
@@ -300,11 +273,63 @@ def iter_block_moments(
             if after:
                 with MomentCapture(model, after, **options) as post:
                     for b, (args, kwargs, mask) in enumerate(prepared):
-                        post.run(partial(_tail, model, found, cached(b), args, kwargs), mask)
+                        post.run(partial(_tail, model, found, outputs.get(b), args, kwargs), mask)
                     tail = finish(post)
                 yield AFTER, tail
         finally:
             bar.close()
+
+
+def _prepared(model: nn.Module, batches: Iterable, token_mask) -> list[tuple[tuple, dict, torch.Tensor | None]]:
+    """``(args, kwargs, mask)`` of every batch (:func:`covsvd.capture.hooked.prepare`); raises ``ValueError`` for
+    no batches, or a token mask selecting no token in any of them."""
+    data = list(batches)
+    if not data:
+        raise ValueError("no batches: `batches` is empty; pass calibration batches (covsvd.calibration_batches)")
+    device = module_device(model)
+    prepared = [prepare(b, device, model.forward, token_mask) for b in data]
+    if token_mask is not None and not any(bool(mask.any()) for _, _, mask in prepared):
+        raise ValueError(f"token_mask={token_mask!r} selects no token in any of the {len(data)} batches "
+                         "(padding never counts); check the mask (labels all -100?)")
+    return prepared
+
+
+class _Outputs:
+    """Each batch's last block output, waiting on ``offload`` (``None``: where the block put it) between blocks
+    and moved back to its own device when read."""
+
+    def __init__(self, n: int, offload, device: torch.device) -> None:
+        self.offload = torch.device(offload) if offload is not None else None
+        self.device = device
+        self.cache: list = [None] * n  # per batch: (output, the device it came from)
+
+    def get(self, b: int):
+        out, home = self.cache[b]
+        return _move(out, home) if self.offload is not None else out
+
+    def put(self, b: int, out) -> None:
+        first = _first_tensor(out)
+        home = first.device if first is not None else self.device
+        self.cache[b] = (_move(out, self.offload) if self.offload is not None else out, home)
+
+
+def _run_block(model: nn.Module, found, i: int, prepared: list, outputs: _Outputs, cap: MomentCapture | None,
+               pre: MomentCapture | None) -> None:
+    """Run block ``i`` on every batch: its arguments caught from the model's forward (the blocks before it
+    returning their cached outputs; ``pre`` hooked on the targets before the blocks), then the block itself
+    (``cap`` hooked on its targets); its outputs replace the cached ones."""
+    block = found[i][1]
+    where = module_device(block)
+    for b, (args, kwargs, mask) in enumerate(prepared):
+        prev = outputs.get(b) if i > 0 else None
+        catch = partial(_catch, model, found, i, prev, args, kwargs)
+        with torch.no_grad():
+            bargs, bkwargs = pre.run(catch, mask) if pre is not None else catch()
+        del prev
+        call = partial(block, *bargs, **bkwargs)
+        with torch.no_grad():
+            outputs.put(b, cap.run(call, _to(mask, where)) if cap is not None else call())
+        del bargs, bkwargs, call
 
 
 def capture_layerwise(model: nn.Module, batches: Iterable, targets: TargetSpec, options: CaptureOptions,

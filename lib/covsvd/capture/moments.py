@@ -25,7 +25,6 @@ The O(d_in) sums (``x`` and ``|x|``) are fp64 in both modes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -137,14 +136,6 @@ class SecondMoment:
             return self.matrix() - torch.outer(mu, mu)
         return self.diag() - mu * mu
 
-    def require_tokens(self, r: int, name: str = "this layer") -> None:
-        """Raise ``ValueError`` unless at least ``r`` real rows were seen (a rank-``r`` request needs them)."""
-        if self.count < r:
-            raise ValueError(
-                f"layer {name} saw {self.count} real tokens, fewer than r={r}: add calibration text "
-                f"(more texts, split='all', or a longer max_tokens) or lower r"
-            )
-
     def to_diag(self) -> SecondMoment:
         """The ``"diag"`` kind of this moment (same counts; a full moment's diagonal)."""
         if self.kind == "diag":
@@ -198,15 +189,6 @@ class SecondMoment:
             accumulate,
         )
 
-    def update(self, x: torch.Tensor) -> SecondMoment:
-        """Add the rows of ``x`` ``(N, d_in)`` in place (every row counts), in ``self.accumulate``; returns self."""
-        new = SecondMoment.from_rows(x.to(self.sum_x.device), kind=self.kind, accumulate=self.accumulate)
-        self.sum_xx += new.sum_xx
-        self.sum_x += new.sum_x
-        self.sum_abs += new.sum_abs
-        self.count += new.count
-        return self
-
     def all_reduce(self, group=None) -> SecondMoment:
         """Sum the sums and counts over the processes of ``group`` (``torch.distributed``), in place; returns self.
 
@@ -233,22 +215,6 @@ class SecondMoment:
 
     def __repr__(self) -> str:
         return f"SecondMoment(kind={self.kind!r}, d_in={self.d_in}, count={self.count})"
-
-
-def require_tokens(moments: Mapping[str, SecondMoment] | SecondMoment, r: int, names: Iterable[str] | None = None) -> None:
-    """Raise ``ValueError`` naming the first layer that saw fewer than ``r`` real tokens.
-
-    ``moments``: a ``{name: SecondMoment}`` dict (from :func:`covsvd.capture_moments` or
-    :func:`covsvd.load_moments`) or one ``SecondMoment``; ``names`` restricts the check to some layers.
-    The message says how many tokens the layer saw and asks for more calibration text.
-    """
-    if isinstance(moments, SecondMoment):
-        moments.require_tokens(r)
-        return
-    for name in names if names is not None else moments:
-        if name not in moments:
-            raise KeyError(f"no captured moment for layer {name!r}; captured: {list(moments)[:5]}...")
-        moments[name].require_tokens(r, name=name)
 
 
 class MomentAccumulator:

@@ -43,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.models import model_identity
+from ..data.fingerprint import model_identity
 from ..data.targets import TargetSpec, find_targets, in_out_features
 from ..data.textfiles import IGNORE_INDEX
 from ..util.checks import check_choice, check_count
-from .hooked import _bound, _length, eval_mode, module_device, prepare
+from .hooked import batch_count, bound_arguments, eval_mode, module_device, prepare
 from .moments import KINDS, MomentAccumulator, SecondMoment
 from .rows import RowBuffers, TokenMaskSpec, TokenRows, mask_key
 
@@ -178,7 +178,7 @@ class OutputCapture:
         if self._stack is None:
             raise RuntimeError("OutputCapture.add must be called inside its `with` block")
         args, kwargs, mask = prepare(batch, self.device, self.model.forward, self.token_mask)
-        attention = kwargs.get("attention_mask") if kwargs else _bound(self.model.forward, args).get("attention_mask")
+        attention = kwargs.get("attention_mask") if kwargs else bound_arguments(self.model.forward, args).get("attention_mask")
         labels = self._labels(batch, kwargs)
         args, kwargs = tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()}
         self.rows = TokenRows(mask)
@@ -344,7 +344,7 @@ def capture_output_moments(
 
     capture = OutputCapture(model, mode, targets, kind, token_mask=token_mask, probes=probes, seed=seed)
     with capture:
-        bar = tqdm(batches, total=_length(batches), desc=f"output capture ({mode})", unit="batch",
+        bar = tqdm(batches, total=batch_count(batches), desc=f"output capture ({mode})", unit="batch",
                    disable=not progress)
         for batch in bar:
             capture.add(batch)

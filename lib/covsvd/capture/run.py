@@ -9,17 +9,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.targets import TargetSpec
-from .hooked import MomentCapture
+from .hooked import MomentCapture, batch_count
 from .layerwise import capture_layerwise
 from .moments import SecondMoment
 from .options import CaptureOptions
-
-
-def _length(batches) -> int | None:
-    try:
-        return len(batches)
-    except TypeError:
-        return None
 
 
 def capture_moments(model: nn.Module, batches: Iterable, targets: TargetSpec = None, kind: str = "full",
@@ -59,7 +52,7 @@ def capture_moments(model: nn.Module, batches: Iterable, targets: TargetSpec = N
     capture = MomentCapture(model, targets, **{k: getattr(opts, k) for k in ("kind", "accumulate", "share_inputs",
                                                                              "token_mask")})
     with capture:
-        bar = tqdm(batches, total=_length(batches), desc="capture", unit="batch", disable=not progress)
+        bar = tqdm(batches, total=batch_count(batches), desc="capture", unit="batch", disable=not progress)
         for batch in bar:
             capture.add(batch)
             if progress:
