@@ -96,3 +96,27 @@ def test_every_name_the_readme_shows_is_public():
     names -= {"lab", "util", "data", "capture", "algebra", "adapt", "export", "cli"}  # subpackages
     missing = sorted(n for n in names if n not in covsvd.__all__)
     assert not missing, f"README.md shows names that covsvd does not export: {missing}"
+
+
+def resolves(dotted: str) -> bool:
+    """Whether ``covsvd.a.b.c`` names a module or an attribute of one."""
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_every_dotted_name_in_readme_and_docs_exists():
+    names = {m for text in PAGES.values() for m in re.findall(r"\b(covsvd(?:\.\w+)+)", text)}
+    missing = sorted(n for n in names if not resolves(n))
+    assert not missing, f"README.md / docs name what does not exist: {missing}"

@@ -1,4 +1,4 @@
-"""covsvd.compress: rank counting, one full-rank factorisation serving every truncation, the weight swap,
+"""covsvd.lab.compress: rank counting, one full-rank factorisation serving every truncation, the weight swap,
 and the output measures (against independent brute-force computations)."""
 
 import copy

@@ -1,4 +1,4 @@
-"""covsvd.plotting: where figures go, stable names, deterministic files, one colour per arm."""
+"""covsvd.lab.plotting: where figures go, stable names, deterministic files, one colour per arm."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""covsvd.sweeps: prefix truncation errors equal functional_error at every rank and obey Eckart-Young; the
+"""covsvd.lab.sweeps: prefix truncation errors equal functional_error at every rank and obey Eckart-Young; the
 exact cond from one set of eigenvalues equals damp's; identity error stays at the storage rounding; an eps
 sweep's reference, limits and modes behave as the algebra says.
 
