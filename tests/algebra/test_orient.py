@@ -444,3 +444,16 @@ def test_indefinite_C_raises_for_cholesky_and_is_clamped_by_eigh():
     Mc = (Q * (lam.clamp_min(0) + 1e-3)) @ Q.T  # the clamped M of docs/algebra.md ("Damping")
     assert float((o.P @ Mc @ o.P.T - torch.eye(2, dtype=F64)).abs().max()) <= 1e-9
     assert rel(o.W_res + product(o), W) <= 1e-13
+
+
+@pytest.mark.parametrize("metric", ["full", "diag", "corda"])
+@pytest.mark.parametrize("solver", ["cholesky", "eigh"])
+def test_a_zero_input_names_the_fix_that_works(metric, solver):
+    """An all-zero layer input: relative damping adds nothing, so the error must not suggest it (nor eigh,
+    which cannot factor zero either); the fix it names, absolute eps, works."""
+    W, zero = make_W(5, 4, 0), torch.zeros(4, 4, dtype=F64)
+    C = zero if metric != "diag" else torch.zeros(4, dtype=F64)
+    with pytest.raises(ValueError, match="layer 'z': C is zero.*eps_mode='absolute' with eps > 0"):
+        orient(W, C, 2, metric, solver=solver, name="z")
+    o = orient(W, C, 2, metric, eps=1e-3, eps_mode="absolute", solver=solver)
+    assert float((o.W_res + (o.U * o.S) @ o.P - W).abs().max()) <= 1e-12

@@ -213,6 +213,16 @@ class Damped:
         return hi * inv_lo
 
 
+def _check_not_zero(C: torch.Tensor, e: float, eps_mode: str, where: str) -> None:
+    """Raise ``ValueError`` for ``C = 0`` with nothing added (no damping can factor it): the fix that works."""
+    if e > 0 or bool(C.any()):
+        return
+    cause = ("relative damping adds eps * mean(diag C) = 0" if eps_mode == "relative" else "eps = 0")
+    raise ValueError(f"{where}C is zero (every counted input of the layer was 0: a dead or masked-out input) and "
+                     f"{cause}, so M = C + eps I is zero: pass eps_mode='absolute' with eps > 0 (the metric is then "
+                     "a multiple of the identity), or leave the layer out of targets")
+
+
 def damp(
     C: torch.Tensor,
     eps: float = DEFAULT_EPS,
@@ -242,6 +252,7 @@ def damp(
     C = C.detach().to(dtype)
     if C.dim() == 1:
         e = resolve_eps(eps, eps_mode, float(C.mean()))
+        _check_not_zero(C, e, eps_mode, where)
         m = C.clamp_min(0) + e  # (d,)
         if not bool((m > 0).all()):
             dead = int((m <= 0).sum())
@@ -252,6 +263,7 @@ def damp(
         raise ValueError(f"{where}C has shape {tuple(C.shape)}; expected (d, d) or (d,)")
     C = torch.add(C, C.T).mul_(0.5)  # (d, d) (C + C^T) / 2: exact symmetry (callers check it was symmetric)
     e = resolve_eps(eps, eps_mode, float(C.diagonal().mean()))
+    _check_not_zero(C, e, eps_mode, where)
     if solver == "eigh":
         lam, Q = torch.linalg.eigh(C)  # (d,), (d, d) ascending
         clamped = int((lam < 0).sum())

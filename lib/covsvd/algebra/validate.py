@@ -84,13 +84,19 @@ def moment_parts(C, metric: str, r: int, W_shape: tuple[int, int], prefix: str =
     if C.dim() != 2 or tuple(C.shape) != (d_in, d_in):
         raise ValueError(f"{prefix}W has shape {W_shape} but C has shape {tuple(C.shape)}; "
                          f"expected ({d_in}, {d_in}) (or ({d_in},) for a diagonal metric)")
-    check_finite(C, "C", prefix)
-    scale = float(C.abs().max())
-    asym = float((C - C.T).abs().max())
-    if asym > SYMMETRY_TOL * scale:
-        raise ValueError(f"{prefix}C is not symmetric (max |C - C^T| = {asym:.3g}, max |C| = {scale:.3g}); "
-                         "pass the second moment E[x x^T]")
+    check_symmetric(C, "C", "the second moment E[x x^T]", prefix)
     return C, C.diagonal(), None, None
+
+
+def check_symmetric(M: torch.Tensor, name: str, what: str, prefix: str = "") -> None:
+    """Raise ``ValueError`` unless the square matrix ``M`` is finite and symmetric to :data:`SYMMETRY_TOL`
+    (relative to ``max |M|``); ``what`` names what should be passed instead."""
+    check_finite(M, name, prefix)
+    scale = float(M.abs().max())
+    asym = float((M - M.T).abs().max())
+    if asym > SYMMETRY_TOL * scale:
+        raise ValueError(f"{prefix}{name} is not symmetric (max |{name} - {name}^T| = {asym:.3g}, max |{name}| = "
+                         f"{scale:.3g}); pass {what}")
 
 
 def output_parts(G, metric: str, r: int, W_shape: tuple[int, int], eps_output: float, eps_mode: str,
@@ -148,12 +154,7 @@ def output_parts(G, metric: str, r: int, W_shape: tuple[int, int], eps_output: f
     if G.dim() != 2 or tuple(G.shape) != (d_out, d_out):
         raise ValueError(f"{prefix}W has shape {W_shape} but the output moment G has shape {tuple(G.shape)}; "
                          f"expected ({d_out}, {d_out}) (or ({d_out},) for a diagonal G)")
-    check_finite(G, "output G", prefix)
-    scale = float(G.abs().max())
-    asym = float((G - G.T).abs().max())
-    if asym > SYMMETRY_TOL * scale:
-        raise ValueError(f"{prefix}G is not symmetric (max |G - G^T| = {asym:.3g}, max |G| = {scale:.3g}); "
-                         "pass the output second moment E[g g^T]")
+    check_symmetric(G, "G", "the output second moment E[g g^T]", prefix)
     return G, None, None
 
 
