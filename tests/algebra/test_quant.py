@@ -200,9 +200,14 @@ def test_errors_are_brute_force_and_best_is_kept(metric, start):
     W, r, k = spread_W(64, 128, seed=8), 5, 4
     C = moment_of(128, 400, seed=9)
     full = quantize_residual(W, C, r, metric, iters=k, start=start, keep="last")
+    every = quantize_residual(W, C, r, metric, iters=k, start=start, keep="all")
+    assert len(every.history) == k + 1 and every.errors == full.errors
     for j in range(k + 1):  # iterate j alone: the same prefix, and errors that brute force reproduces
         res = quantize_residual(W, C, r, metric, iters=j, start=start, keep="last")
         assert res.errors == full.errors[: j + 1] and res.fro_errors == full.fro_errors[: j + 1]
+        U, S, P, base = every.history[j]
+        assert torch.equal(U, res.U) and torch.equal(S, res.S) and torch.equal(P, res.P)
+        assert torch.equal(base.data, res.base.data)
         assert res.errors[j] == pytest.approx(brute_objective(W, res, metric, C), rel=1e-10)
         frob = float((W.double() - res.weight(F64)).norm() / W.double().norm())
         assert res.fro_errors[j] == pytest.approx(frob, rel=1e-10)
@@ -211,6 +216,7 @@ def test_errors_are_brute_force_and_best_is_kept(metric, start):
     assert best.errors[best.best] <= best.errors[0] and best.errors[1] <= best.errors[0]
     assert best.errors[best.best] == pytest.approx(brute_objective(W, best, metric, C), rel=1e-10)
     assert best.best == min(range(k + 1), key=lambda j: (best.errors[j], j))
+    assert best.best == every.best and torch.equal(best.U, every.U) and best.history == ()
 
 
 def test_later_iterates_help_loftq():

@@ -20,7 +20,9 @@ full: ``C + eps I`` (the functional error: the relative RMS output error on inpu
 moment); corda: ``(C + eps I)^2``; asvd: its own scaling. Every orient step minimises it for the Q it is
 given (exact SVD), so iterate 1 is never worse than iterate 0; a re-quantization step may raise it (the
 quantizer rounds elementwise, blind to the metric). ``keep="best"`` returns the iterate with the smallest
-objective (the earliest on ties), hence never worse than iterate 0.
+objective (the earliest on ties), hence never worse than iterate 0; ``keep="last"`` iterate ``iters``;
+``keep="all"`` the best as well, with every iterate kept beside it (``QuantizedResidual.history``: memory for
+``iters + 1`` bases and factor sets).
 
 Dtypes: the decompositions run in ``compute_dtype`` (float64 by default, as :func:`covsvd.orient`); the
 factors are rounded to ``storage_dtype`` (default ``W.dtype``) and the quantizer input ``W - F`` is formed in
@@ -45,7 +47,7 @@ from .validate import moment_parts, orient_options
 __all__ = ["QuantizedResidual", "quantize_residual"]
 
 STARTS = ("oriented", "zero")
-KEEPS = ("best", "last")
+KEEPS = ("best", "last", "all")
 F64 = torch.float64
 
 
@@ -57,7 +59,8 @@ class QuantizedResidual(NamedTuple):
     (``base.dequantize()`` is what a loaded bitsandbytes layer computes with); ``errors``: the objective
     (module docstring) of iterates ``0 .. iters``; ``fro_errors``: ``||W - dequant(Q) - F||_F / ||W||_F`` of
     each; ``best``: the index of the returned iterate; ``bits``: the base's bits per parameter
-    (:attr:`Quantized.bits`); ``info``: a dict (keys in :func:`quantize_residual`).
+    (:attr:`Quantized.bits`); ``info``: a dict (keys in :func:`quantize_residual`); ``history``: with
+    ``keep="all"``, every iterate's ``(U, S, P, base)`` in order (empty otherwise).
     """
 
     U: torch.Tensor
@@ -69,6 +72,7 @@ class QuantizedResidual(NamedTuple):
     best: int
     bits: float
     info: dict
+    history: tuple = ()
 
     def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``dequant(Q) + U diag(S) P`` ``(d_out, d_in)`` in ``dtype`` (summed in ``dtype``)."""
@@ -198,16 +202,20 @@ def _iterate(step: _Step, iters: int, start: str, keep: str, info: dict) -> Quan
     q, deq = step.quantize(f)
     errs = [step.errors(deq, f)]
     kept = (0, f, q)
+    history = [(*f, q)] if keep == "all" else []
     for j in range(1, iters + 1):
         if j > 1:
             q, deq = step.quantize(f)
         f = step.orient(step.Wc - deq)
         errs.append(step.errors(deq, f))
+        if keep == "all":
+            history.append((*f, q))
         if keep == "last" or errs[j][0] < errs[kept[0]][0]:
             kept = (j, f, q)
     best, (U, S, P), q = kept
     info.update(quantizations=step.quantizations)
-    return QuantizedResidual(U, S, P, q, tuple(e for e, _ in errs), tuple(e for _, e in errs), best, q.bits, info)
+    return QuantizedResidual(U, S, P, q, tuple(e for e, _ in errs), tuple(e for _, e in errs), best, q.bits, info,
+                             tuple(history))
 
 
 def _fro(A: torch.Tensor) -> float:
