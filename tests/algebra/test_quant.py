@@ -219,6 +219,20 @@ def test_errors_are_brute_force_and_best_is_kept(metric, start):
     assert best.best == every.best and torch.equal(best.U, every.U) and best.history == ()
 
 
+@pytest.mark.parametrize("start", ["oriented", "zero"])
+def test_source_requantizes_to_the_base(start):
+    """A base stored as ``source`` and quantized again (as transformers does on load) gives the same codes, and
+    the factors complete it: ``dequant(quant(source)) + U S P`` is the returned iterate, for every kept iterate."""
+    W = spread_W(48, 96, seed=16, dtype=torch.bfloat16)
+    for k in range(4):
+        res = quantize_residual(W, None, 4, "identity", iters=k, start=start, keep="last")
+        assert res.source.dtype == torch.bfloat16 and res.source.shape == W.shape
+        again = FourBit().quantize(res.source.clone())
+        assert torch.equal(again.data, res.base.data) and torch.equal(again.dequantize(), res.base.dequantize())
+        B = again.dequantize().double() + (res.U.double() * res.S.double()) @ res.P.double()
+        assert torch.equal(B, res.weight(F64))
+
+
 def test_later_iterates_help_loftq():
     """LoftQ from a zero adapter: every iteration lowers the Frobenius error on this weight, so the kept
     iterate is the last, beyond iterate 1."""

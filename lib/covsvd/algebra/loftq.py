@@ -56,7 +56,10 @@ class QuantizedResidual(NamedTuple):
 
     ``U (d_out, r)``, ``S (r,)``, ``P (r, d_in)``: the kept iterate's factors in the storage dtype (zeros
     for iterate 0 of ``start="zero"``); ``base``: its :class:`~covsvd.algebra.quant.Quantized` base
-    (``base.dequantize()`` is what a loaded bitsandbytes layer computes with); ``errors``: the objective
+    (``base.dequantize()`` is what a loaded bitsandbytes layer computes with); ``source``: the ``(d_out, d_in)``
+    tensor in the base dtype that ``base`` quantizes, ``W - U' S' P'`` with the factors of the iterate *before*
+    (iterate 0: its own factors; zero for ``start="zero"``), so not ``W - U S P`` after iteration 2: a checkpoint
+    whose weight is ``source`` loads (re-quantized by bitsandbytes) into exactly ``base``; ``errors``: the objective
     (module docstring) of iterates ``0 .. iters``; ``fro_errors``: ``||W - dequant(Q) - F||_F / ||W||_F`` of
     each; ``best``: the index of the returned iterate; ``bits``: the base's bits per parameter
     (:attr:`Quantized.bits`); ``info``: a dict (keys in :func:`quantize_residual`); ``history``: with
@@ -67,6 +70,7 @@ class QuantizedResidual(NamedTuple):
     S: torch.Tensor
     P: torch.Tensor
     base: Quantized
+    source: torch.Tensor
     errors: tuple
     fro_errors: tuple
     best: int
@@ -183,11 +187,12 @@ class _Step:
         U, S, P = (t.to(self.Wc.dtype) for t in f)
         return (U * S) @ P
 
-    def quantize(self, f) -> tuple[Quantized, torch.Tensor]:
-        """``Q = quant(W - U S P)`` (input rounded to the base dtype) and ``dequant(Q)`` in the compute dtype."""
+    def quantize(self, f) -> tuple[Quantized, torch.Tensor, torch.Tensor]:
+        """``Q = quant(X)``, ``dequant(Q)`` in the compute dtype, and ``X = W - U S P`` rounded to the base dtype."""
         self.quantizations += 1
-        q = self.qz.quantize((self.Wc - self.product(f)).to(self.base), name=self.name)
-        return q, q.dequantize().to(self.Wc.dtype)
+        X = (self.Wc - self.product(f)).to(self.base)  # (d_out, d_in)
+        q = self.qz.quantize(X, name=self.name)
+        return q, q.dequantize().to(self.Wc.dtype), X
 
     def errors(self, deq: torch.Tensor, f) -> tuple[float, float]:
         """(objective, relative Frobenius) of ``W - dequant(Q) - U S P``."""
@@ -199,23 +204,23 @@ class _Step:
 def _iterate(step: _Step, iters: int, start: str, keep: str, info: dict) -> QuantizedResidual:
     """Run iterates ``0 .. iters`` (module docstring) and return the kept one."""
     f = step.orient(step.Wc) if start == "oriented" else step.zero()
-    q, deq = step.quantize(f)
+    q, deq, X = step.quantize(f)
     errs = [step.errors(deq, f)]
-    kept = (0, f, q)
+    kept = (0, f, q, X)
     history = [(*f, q)] if keep == "all" else []
     for j in range(1, iters + 1):
         if j > 1:
-            q, deq = step.quantize(f)
+            q, deq, X = step.quantize(f)
         f = step.orient(step.Wc - deq)
         errs.append(step.errors(deq, f))
         if keep == "all":
             history.append((*f, q))
         if keep == "last" or errs[j][0] < errs[kept[0]][0]:
-            kept = (j, f, q)
-    best, (U, S, P), q = kept
+            kept = (j, f, q, X)
+    best, (U, S, P), q, X = kept
     info.update(quantizations=step.quantizations)
-    return QuantizedResidual(U, S, P, q, tuple(e for e, _ in errs), tuple(e for _, e in errs), best, q.bits, info,
-                             tuple(history))
+    return QuantizedResidual(U, S, P, q, X, tuple(e for e, _ in errs), tuple(e for _, e in errs), best, q.bits,
+                             info, tuple(history))
 
 
 def _fro(A: torch.Tensor) -> float:
