@@ -98,6 +98,7 @@ __all__ = [
     "orient",
     "principal_angles",
     "prompt_batches",
+    "quantize_residual",
     "read_texts",
     "save_adapters",
     "save_moments",

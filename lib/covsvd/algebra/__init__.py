@@ -10,11 +10,21 @@ from .budget import (
     threshold_ranks,
 )
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp
+from .loftq import QuantizedResidual, quantize_residual
 from .measures import functional_error, identity_error, principal_angles, quad
 from .orient import METRICS, Oriented, orient
+from .quant import QUANTS, FourBit, Int8, Quantized, Quantizer, quantizer
 
 __all__ = [
     "DEFAULT_EPS",
+    "QUANTS",
+    "FourBit",
+    "Int8",
+    "Quantized",
+    "QuantizedResidual",
+    "Quantizer",
+    "quantize_residual",
+    "quantizer",
     "DEFAULT_EPS_MODE",
     "METRICS",
     "Damped",

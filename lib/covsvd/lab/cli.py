@@ -18,7 +18,7 @@ def run_figures(args: argparse.Namespace) -> int:
     from .figures import run_figures as run
 
     try:
-        run(only=args.only, quick=args.quick, timeout=args.timeout)
+        run(only=args.only, quick=args.quick, timeout=args.timeout, jobs=args.jobs)
     except NotebookError as e:
         print(f"\ncovsvd figures: FAILED\n{e}", file=sys.stderr)
         return 1
@@ -35,6 +35,8 @@ def add_figures(sub) -> None:
     )
     p.add_argument("--quick", action="store_true", help="quick mode: fewer tokens/layers, temporary output")
     p.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (prefixes: 03 05_abl ...)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="notebooks run at a time after the first (which fills the moments cache); default 1")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="seconds allowed per notebook (default 600, quick 300)")
     p.set_defaults(run=run_figures)

@@ -72,9 +72,12 @@ def find_notebooks(only: Sequence[str] | None = None, directory: str | os.PathLi
     return sorted(picked)
 
 
-def kernel_env(quick: bool, figures_dir: Path) -> dict[str, str]:
-    """The environment of the notebook kernel: mode, figure directory, offline, inline plots."""
+def kernel_env(quick: bool, figures_dir: Path, threads: int | None = None) -> dict[str, str]:
+    """The environment of the notebook kernel: mode, figure directory, offline, inline plots, and (``threads``)
+    how many threads torch / OpenMP / MKL may use."""
     env = dict(os.environ)
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.update(
         {
             QUICK_ENV: "1" if quick else "0",
@@ -124,6 +127,7 @@ def run_notebook(
     timeout: float | None = None,
     write_to: str | os.PathLike | None = None,
     on_cell: Callable[[int, int], None] | None = None,
+    threads: int | None = None,
 ) -> NotebookRun:
     """Execute one notebook in a fresh kernel; raise :class:`NotebookError` on any cell error or timeout.
 
@@ -133,6 +137,7 @@ def run_notebook(
         timeout: seconds for the whole notebook (default 600 full, 300 quick).
         write_to: where to write the executed notebook; ``None`` writes it back over ``path``.
         on_cell: called as ``on_cell(code_cell_number, n_code_cells)`` before each code cell (progress).
+        threads: the kernel's thread count (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``); ``None``: inherited.
     """
     t0 = time.monotonic()
     import nbformat
@@ -171,7 +176,7 @@ def run_notebook(
     # shown only when something fails; cell output (stdout/stderr of the code) stays in the notebook.
     with tempfile.TemporaryFile(mode="w+b", prefix=f"covsvd-kernel-{name}-") as log:
         try:
-            client.execute(env=kernel_env(quick, figures_dir), stderr=log)
+            client.execute(env=kernel_env(quick, figures_dir, threads), stderr=log)
         except CellExecutionError as e:
             raise _cell_failure(name, current["index"], current["cell"], e) from None
         except (CellTimeoutError, TimeoutError) as e:
@@ -247,12 +252,17 @@ def run_figures(
     quick: bool = False,
     timeout: float | None = None,
     stream: TextIO = sys.stderr,
+    jobs: int = 1,
 ) -> list[NotebookRun]:
     """Execute the notebooks (all, or ``only``), print progress and per-notebook times; return the runs.
 
     Figures go to ``$COVSVD_FIGURES_DIR`` if set, else ``figures/`` (full) or a new temporary directory
-    (quick). Raises :class:`NotebookError` at the first failing notebook.
+    (quick). ``jobs > 1``: the first notebook runs alone (it fills the moments cache the others read), then the
+    rest ``jobs`` at a time, each kernel with ``cpu_count // jobs`` threads. Raises :class:`NotebookError` for
+    the first failing notebook (with ``jobs > 1``, after the running ones finish).
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs={jobs!r} must be a positive int")
     paths = find_notebooks(only)
     override = os.environ.get(FIGURES_DIR_ENV, "").strip()
     if quick:
@@ -263,22 +273,19 @@ def run_figures(
         figures_dir = Path(override) if override else project_root() / "figures"
         executed_dir = None
     mode = "quick" if quick else "full"
-    stream.write(f"covsvd figures ({mode} mode): {len(paths)} notebook(s) -> figures in {figures_dir}\n")
+    stream.write(f"covsvd figures ({mode} mode, {jobs} at a time): {len(paths)} notebook(s) -> figures in "
+                 f"{figures_dir}\n")
     progress = _Progress(len(paths), stream)
-    runs: list[NotebookRun] = []
-    for k, path in enumerate(paths, 1):
-        progress.start(k, path.stem)
-        try:
-            run = run_notebook(
-                path, quick=quick, figures_dir=figures_dir, timeout=timeout,
-                write_to=None if executed_dir is None else executed_dir / path.name, on_cell=progress.on_cell,
-            )
-        except BaseException:
-            progress.stop(f"[{k}/{len(paths)}] {path.stem} FAILED after {time.monotonic() - progress.t_nb:.1f} s")
-            raise
-        runs.append(run)
-        progress.stop(f"[{k}/{len(paths)}] {run.name:<22} {run.cells:>3} cells {run.seconds:7.1f} s  "
-                      f"{len(run.figures)} figure(s)")
+
+    def options(path: Path) -> dict:
+        return dict(quick=quick, figures_dir=figures_dir, timeout=timeout,
+                    write_to=None if executed_dir is None else executed_dir / path.name)
+
+    if jobs == 1 or len(paths) < 2:
+        runs = [_run_one(k, path, progress, options(path)) for k, path in enumerate(paths, 1)]
+    else:
+        runs = [_run_one(1, paths[0], progress, options(paths[0]))]
+        runs += _run_parallel(paths[1:], jobs, progress, options, stream)
     total = time.monotonic() - progress.t_all
     stream.write(f"{'notebook':<24}{'cells':>6}{'seconds':>10}{'figures':>9}\n")
     for r in runs:
@@ -288,3 +295,40 @@ def run_figures(
     stream.write(f"{where}figures in {figures_dir}\n")
     stream.flush()
     return runs
+
+
+def _run_one(k: int, path: Path, progress: _Progress, options: dict) -> NotebookRun:
+    progress.start(k, path.stem)
+    try:
+        run = run_notebook(path, on_cell=progress.on_cell, **options)
+    except BaseException:
+        progress.stop(f"[{k}/{progress.n}] {path.stem} FAILED after {time.monotonic() - progress.t_nb:.1f} s")
+        raise
+    progress.stop(f"[{k}/{progress.n}] {run.name:<22} {run.cells:>3} cells {run.seconds:7.1f} s  "
+                  f"{len(run.figures)} figure(s)")
+    return run
+
+
+def _run_parallel(paths: list[Path], jobs: int, progress: _Progress, options, stream: TextIO) -> list[NotebookRun]:
+    """Run ``paths`` ``jobs`` at a time in worker processes; one line per finished notebook, in notebook order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    done: dict[Path, NotebookRun] = {}
+    failure: BaseException | None = None
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run_notebook, path, threads=threads, **options(path)): path for path in paths}
+        for future in as_completed(futures):
+            path = futures[future]
+            try:
+                run = done[path] = future.result()
+                stream.write(f"[{len(done) + 1}/{progress.n}] {run.name:<22} {run.cells:>3} cells "
+                             f"{run.seconds:7.1f} s  {len(run.figures)} figure(s)\n")
+            except BaseException as e:  # the others finish; the first failure is raised
+                stream.write(f"{path.stem} FAILED\n")
+                failure = failure or e
+            stream.flush()
+    if failure is not None:
+        raise failure
+    return [done[p] for p in paths]
