@@ -39,6 +39,16 @@ def test_import_covsvd_loads_no_optional_library():
     assert not bad, f"`import covsvd` loaded optional libraries: {bad}"
 
 
+def test_every_public_name_resolves():
+    """``from covsvd import *`` works: every name of ``__all__`` (and of each stage package's) is defined."""
+    import importlib
+
+    for module in ["covsvd", *(f"covsvd.{s}" for s in SUBPACKAGES if s != "lab")]:
+        mod = importlib.import_module(module)
+        missing = [n for n in getattr(mod, "__all__", []) if not hasattr(mod, n)]
+        assert not missing, f"{module}.__all__ names what it does not define: {missing}"
+
+
 def test_every_extra_the_suite_needs_is_installed():
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert {"lab", "data", "peft", "quant", "test"} <= set(extras)

@@ -39,6 +39,7 @@ from .algebra import (
     identity_error,
     orient,
     principal_angles,
+    quantize_residual,
 )
 from .capture import (
     SecondMoment,
