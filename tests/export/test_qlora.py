@@ -161,6 +161,24 @@ def test_loftq_zero_start_and_fp4(tmp_path):
     assert {row["best"] for row in record["layers"]} == {1}
 
 
+def test_bf16_model_and_auto_peft_model(tmp_path, monkeypatch):
+    """A bf16 model's base is quantized from its bf16 residual and dequantizes to bf16; AutoPeftModel finds the
+    4-bit base from the adapter's relative base_model_name_or_path."""
+    from peft import AutoPeftModelForCausalLM
+
+    model = tiny_decoder("llama", layers=1).to(torch.bfloat16)
+    monkeypatch.chdir(tmp_path)
+    export_peft(model, None, "qlora", R, "identity", quantize="nf4", loftq_iters=1, progress=False)
+    pm = AutoPeftModelForCausalLM.from_pretrained("qlora/adapter")
+    for name, layer in peft_layers(pm).items():
+        W = weight_matrix(model.get_submodule(name)).detach()
+        res = quantize_residual(W, None, R, "identity", "nf4", 1, storage_dtype=torch.float32)
+        weight = layer.base_layer.weight
+        assert weight.quant_state.dtype == torch.bfloat16 and layer.base_layer.compute_dtype == torch.bfloat16
+        assert torch.equal(weight.data, res.base.data), name
+        assert torch.equal(dequantize_4bit(weight.data, weight.quant_state), res.base.dequantize()), name
+
+
 def test_bad_input_is_refused_before_anything_is_written(tmp_path):
     model = tiny_decoder("llama", layers=1)
     before = state_digest(model)

@@ -188,10 +188,12 @@ def stored_bases(directory: Path, names: list[str]) -> dict:
     from bitsandbytes.functional import QuantState
     from safetensors import safe_open
 
+    wanted = {f"{name}.weight" for name in names}
     tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(directory.glob("*.safetensors")):
+    for f in sorted(directory.glob("*.safetensors")):  # every shard; only the targets' tensors are read
         with safe_open(f, "pt") as fh:
-            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 - safe_open has no iterator
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys()  # noqa: SIM118 - safe_open has no iterator
+                            if k in wanted or k.rpartition(".weight.")[0] + ".weight" in wanted})
     out = {}
     for name in names:
         prefix = f"{name}.weight."
