@@ -202,22 +202,25 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
     assert not path.exists() and state_digest(model) == before
 
 
-@pytest.fixture(scope="module")
-def quantized_llama(tmp_path_factory):
-    """``(model loaded 4-bit nf4 on CPU, its floating twin)``."""
-    model = tiny_decoder("llama", layers=1)
-    src = tmp_path_factory.mktemp("src")
-    model.save_pretrained(src)
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    return AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg), model
+QUANTIZED = {
+    "nf4": (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), r"Linear4bit W \(32, 32\)\): is a bitsandbytes "
+            r"Linear4bit \(nf4, blocksize 64\)"),
+    "fp4-double": (dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True),
+                   r"Linear4bit \(fp4, blocksize 64, double quantization\)"),
+    "int8": (dict(load_in_8bit=True), r"Linear8bitLt W \(32, 32\)\): is a bitsandbytes Linear8bitLt \(torch.int8"),
+}
 
 
-def test_quantized_models_are_refused_and_left_untouched(quantized_llama, tmp_path):
-    q, _ = quantized_llama
+@pytest.mark.parametrize("kind", list(QUANTIZED))
+def test_quantized_models_are_refused_and_left_untouched(kind, tmp_path):
+    src = tmp_path / "src"
+    tiny_decoder("llama", layers=1).save_pretrained(src)
+    config, described = QUANTIZED[kind]
+    q = AutoModelForCausalLM.from_pretrained(src, quantization_config=BitsAndBytesConfig(**config))
     before = {k: v.clone() for k, v in q.state_dict().items()}
     modules = dict(q.named_modules())
-    match = r"layer 'model\.layers\.0\.self_attn\.q_proj' \(Linear4bit W \(32, 32\)\): is a bitsandbytes Linear4bit " \
-            r"\(nf4, blocksize 64\).*export_peft\(model, moments, path, r, quantize='nf4'\).*dequantize"
+    match = r"layer 'model\.layers\.0\.self_attn\.q_proj' .*" + described + \
+            r".*never decomposes.*export_peft\(model, moments, path, r, quantize='nf4'\).*dequantize"
     calls = [
         lambda: covsvd.attach_adapters(q, None, 2, "identity", progress=False),
         lambda: covsvd.init_adapters(q, calibration(), 2, "full", progress=False),

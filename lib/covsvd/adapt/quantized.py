@@ -37,7 +37,8 @@ def check_not_quantized(module: nn.Module, prefix: str) -> None:
     if kind is None:
         return
     raise ValueError(
-        f"{prefix}is a {kind}: its weight is packed quantized storage, which covsvd never decomposes. For a "
+        f"{prefix}is a {kind}: its weight is quantized storage (codes and scales, not the matrix the layer "
+        "computes with), which covsvd never decomposes. For a "
         "4-bit base with a covsvd adapter, load the model unquantized and call covsvd.export_peft(model, moments, "
         "path, r, quantize='nf4') (the residual is quantized after the decomposition, LoftQ with loftq_iters=); "
         "to adapt the quantized weights themselves, dequantize first (transformers: model.dequantize())")

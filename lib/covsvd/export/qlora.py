@@ -146,6 +146,9 @@ def _quantize_targets(plan: Plan, quant: FourBit, iters: int, start: str, eps: f
                                     name=name, **orient_kwargs)
         except ValueError as e:
             raise ValueError(f"quantize_residual failed for {t.where()}r={t.rank}: {e}") from e
+        if not bool(res.S.any()):
+            raise ValueError(f"{t.where()}the best iterate is the zero adapter (B = A = 0), which LoRA cannot train; "
+                             "use quant_start='oriented' or more loftq_iters")
         B, A = _split(res.U, res.S, res.P, dtype)
         deq = res.base.dequantize()  # (d_out, d_in), the model dtype
         hat = deq.to(F64) + B.to(F64) @ A.to(F64)
@@ -206,13 +209,18 @@ def stored_bases(directory: Path, names: list[str]) -> dict:
 
 
 def check_stored(directory: Path, bases: dict) -> None:
-    """Raise ``RuntimeError`` unless every target's codes in ``directory`` equal its ``Quantized`` base and
-    dequantize to exactly ``Q.dequantize()`` (bit for bit)."""
+    """Raise ``RuntimeError`` unless every target's codes, absmax (8-bit ones, nested absmax and offset with double
+    quantization) and kind in ``directory`` equal its ``Quantized`` base's and dequantize to exactly
+    ``Q.dequantize()`` (bit for bit)."""
     from bitsandbytes.functional import dequantize_4bit
 
     for name, (codes, state) in stored_bases(directory, list(bases)).items():
-        q = bases[name]
-        same = torch.equal(codes, q.data.cpu()) and torch.equal(dequantize_4bit(codes, state), q.dequantize().cpu())
+        q, mine = bases[name], bases[name].state
+        same = (torch.equal(codes, q.data.cpu()) and torch.equal(state.absmax, mine.absmax.cpu())
+                and state.nested == mine.nested and state.quant_type == mine.quant_type
+                and (not state.nested or (torch.equal(state.state2.absmax, mine.state2.absmax.cpu())
+                                          and torch.equal(state.offset, mine.offset.cpu())))
+                and torch.equal(dequantize_4bit(codes, state), q.dequantize().cpu()))
         if not same:
             raise RuntimeError(f"layer {name!r}: the 4-bit base transformers wrote does not reproduce covsvd's "
                                f"{q.kind} quantization of its residual ({tuple(q.shape)}); nothing was written")
