@@ -170,11 +170,14 @@ def _base_config(quant: FourBit, dtype: torch.dtype):
 
 def _write_base(model: nn.Module, plan: Plan, sources: dict, quant: FourBit, directory: Path, scratch: Path,
                 tokenizer) -> None:
-    """Save ``model`` with the targets' sources to ``scratch``, load it in 4-bit, save it to ``directory``."""
+    """Save ``model`` with the targets' sources to ``scratch``, load it in 4-bit, save it to ``directory``.
+    Empties ``sources`` once they are written (peak memory: the model plus its targets' sources)."""
     state = model.state_dict()  # references; the targets' entries are replaced, the model is not
     for name, X in sources.items():
         state[f"{name}.weight"] = X.T.contiguous() if isinstance(plan.targets[name].module, Conv1D) else X
     model.save_pretrained(scratch, state_dict=state)
+    del state
+    sources.clear()  # on disk now: free them before the 4-bit model is built
     dtype = next(iter(plan.targets.values())).W.dtype
     quantized = type(model).from_pretrained(scratch, quantization_config=_base_config(quant, dtype), dtype=dtype)
     quantized.save_pretrained(directory)
