@@ -35,6 +35,7 @@ layer's output on the calibration moment when a full moment is given.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -62,7 +63,8 @@ F64 = torch.float64
 def qlora_options(quantize, loftq_iters, double_quant, quant_start) -> FourBit | None:
     """The checked quantizer of an export (``None``: no quantization). ``quantize``: ``None``, ``"nf4"``,
     ``"fp4"`` or a :class:`~covsvd.algebra.quant.FourBit` with ``blocksize=64`` (then ``double_quant`` must be
-    left false: the object carries it). Raises ``ValueError`` naming the option and the fix."""
+    left false: the object carries it). Raises ``ValueError`` naming the option and the fix, ``ImportError`` when
+    bitsandbytes or accelerate (transformers' 4-bit loader needs both) is missing."""
     if quantize is None:
         if loftq_iters != 0 or double_quant is not False or quant_start != "oriented":
             raise ValueError("loftq_iters / double_quant / quant_start configure a 4-bit base: pass quantize='nf4' "
@@ -80,6 +82,10 @@ def qlora_options(quantize, loftq_iters, double_quant, quant_start) -> FourBit |
         raise ValueError(f"quantize={quantize!r}; expected None, 'nf4', 'fp4' or a covsvd.algebra.FourBit "
                          "(transformers loads 4-bit bitsandbytes bases; int8 bases are not exported)")
     quant.config()  # blocksize 64: what transformers' BitsAndBytesConfig quantizes with
+    missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"export_peft(quantize=...) needs {' and '.join(missing)} (transformers' 4-bit loader): "
+                          "pip install 'covsvd[quant]' (or pip install bitsandbytes accelerate)")
     check_count("loftq_iters", loftq_iters, 0, "export_peft: ")
     check_choice("quant_start", quant_start, STARTS, "export_peft: ")
     if quant_start == "zero" and loftq_iters == 0:
