@@ -428,8 +428,8 @@ def test_clear_errors():
         orient(W, m.matrix() + torch.triu(torch.ones(9, 9, dtype=F64), 1), 2)
     with pytest.raises(ValueError, match="eps=-1"):
         orient(W, m, 2, eps=-1)
-    with pytest.raises(ValueError, match="zero channel"):
-        orient(W, torch.zeros(9, dtype=F64), 2, metric="diag", eps=0.0)
+    with pytest.raises(ValueError, match="1 zero channel"):
+        orient(W, torch.ones(9, dtype=F64).index_fill(0, torch.tensor([4]), 0.0), 2, metric="diag", eps=0.0)
 
 
 def test_indefinite_C_raises_for_cholesky_and_is_clamped_by_eigh():

@@ -32,6 +32,7 @@ from ..data.fingerprint import check_same_model
 from ..data.targets import find_targets, in_out_features, weight_matrix
 from ..util.checks import check_choice, check_rank, check_weight
 from .layer import BoundedGainLinear
+from .quantized import check_not_quantized
 from .registry import attached_identity
 
 
@@ -148,6 +149,7 @@ def resolve_targets(model: nn.Module, moments, r, metric: str, targets, deferred
 def check_target(model: nn.Module, t: Target) -> None:
     """The structural checks of one target (module doc): rank, weight, MHA ``out_proj``. Changes nothing."""
     prefix = t.where()
+    check_not_quantized(t.module, prefix)  # bitsandbytes Linear4bit / Linear8bitLt: packed storage
     check_rank(t.rank, *t.shape, prefix)
     check_weight(t.W, prefix)  # quantised (not floating) / meta / non-finite
     parent = t.name.rpartition(".")[0]

@@ -49,6 +49,7 @@ from .peft_files import (
     write_lora_adapter,
     write_model_card,
 )
+from .qlora import check_quantizable, qlora_options, write_qlora
 
 __all__ = ["export_peft"]
 
@@ -80,8 +81,8 @@ def check_exportable(model: nn.Module, tokenizer, orient_kwargs: dict) -> None:
     if quantizer is not None:
         method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "?")
         raise ValueError(f"{type(model).__name__} is quantized ({getattr(method, 'value', method)}): W_res must be "
-                         "formed and saved in the weights' own floating dtype; export from the unquantized model "
-                         "and quantize path/base afterwards")
+                         "formed in the weights' own floating dtype, never from packed 4-bit / 8-bit storage: load the "
+                         "model unquantized and pass export_peft(..., quantize='nf4') for a 4-bit base")
     if "storage_dtype" in orient_kwargs:
         raise ValueError("export_peft stores the LoRA factors in fp32 (fp64 for an fp64 model), as peft runs them; "
                          "storage_dtype cannot be chosen")
@@ -114,6 +115,7 @@ def _card(model: nn.Module, plan: Plan, settings: dict) -> list[str]:
 def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: str = "full", *,
                 eps: float = DEFAULT_EPS, eps_mode: str = DEFAULT_EPS_MODE, targets=None, tokenizer=None,
                 overwrite: bool = False, progress: bool = True, check_weights: bool = True,
+                quantize=None, loftq_iters: int = 0, double_quant: bool = False, quant_start: str = "oriented",
                 **orient_kwargs) -> Path:
     """Write a covsvd initialisation as ``path/base/`` (a transformers checkpoint holding ``W_res``) and
     ``path/adapter/`` (a peft LoRA holding ``B A = U_r diag(S_r) P_r``, and a model card); returns ``path``.
@@ -139,6 +141,11 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
         overwrite: replace an existing ``path`` (only once the new one is complete).
         progress: a tqdm bar over layers.
         check_weights: the moments must come from this model's weights (the named override).
+        quantize, loftq_iters, double_quant, quant_start: a 4-bit base (:mod:`covsvd.export.qlora`): ``quantize``
+            ``"nf4"`` / ``"fp4"`` (or a ``FourBit``) writes ``path/base`` as a pre-quantized bitsandbytes
+            checkpoint of ``Q = quant(W - B A)`` per :func:`covsvd.quantize_residual` (``iters=loftq_iters``,
+            ``start=quant_start``, the best iterate under the metric); base + adapter computes
+            ``dequant(Q) + B A``. ``None`` (default): the floating residual base above.
 
     Raises:
         ValueError (naming the layer, its shape and the fix), before anything is computed or written:
@@ -148,8 +155,11 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
         On any error while orienting or writing nothing is left at ``path``.
     """
     check_exportable(model, tokenizer, orient_kwargs)
+    quant = qlora_options(quantize, loftq_iters, double_quant, quant_start)
     plan = plan_targets(model, moments, r, metric, targets, check_weights=check_weights)
     check_peft_names(model, plan.names)
+    if quant is not None:
+        check_quantizable(model, plan)
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
@@ -157,6 +167,11 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
     config = lora_config(plan.ranks, conv1d, str(path / "base"), model_mapping(model))
     settings = settings_record(metric=metric, r=r if isinstance(r, int) else plan.ranks, eps=eps, eps_mode=eps_mode,
                                **orient_kwargs)
+    if quant is not None:
+        settings.update(quantize=quant.kind, double_quant=quant.double_quant, loftq_iters=loftq_iters,
+                        quant_start=quant_start)
+        return atomic_directory(path, lambda tmp: write_qlora(tmp, model, plan, quant, config, settings, tokenizer, eps,
+                                                              eps_mode, orient_kwargs, progress), overwrite=overwrite)
 
     def write(tmp: Path) -> None:
         state = model.state_dict()  # references; the targets' entries are replaced below, the model is not
