@@ -35,12 +35,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
 
-## make figures: re-execute every notebook headless (full settings) and rewrite figures/ + their data
+## make figures: re-execute every notebook headless (full settings, two at a time after the first) and rewrite figures/ + their data
 figures: $(STAMP)
-	$(PY) -m covsvd figures
+	$(PY) -m covsvd figures --jobs 2
 
 figures-quick: $(STAMP)
-	$(PY) -m covsvd figures --quick
+	$(PY) -m covsvd figures --quick --jobs 2
 
 ## make lab: JupyterLab on the project's kernel (the .venv python); as root (containers) with --allow-root
 LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
