@@ -114,7 +114,7 @@ def _card(model: nn.Module, plan: Plan, settings: dict) -> list[str]:
 def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: str = "full", *,
                 eps: float = DEFAULT_EPS, eps_mode: str = DEFAULT_EPS_MODE, targets=None, tokenizer=None,
                 overwrite: bool = False, progress: bool = True, check_weights: bool = True,
-                **orient_kwargs) -> Path:
+                output_moments=None, **orient_kwargs) -> Path:
     """Write a covsvd initialisation as ``path/base/`` (a transformers checkpoint holding ``W_res``) and
     ``path/adapter/`` (a peft LoRA holding ``B A = U_r diag(S_r) P_r``, and a model card); returns ``path``.
 
@@ -139,6 +139,9 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
         overwrite: replace an existing ``path`` (only once the new one is complete).
         progress: a tqdm bar over layers.
         check_weights: the moments must come from this model's weights (the named override).
+        output_moments: ``metric="two-sided"`` only (required there): ``{name: SecondMoment}`` from
+            :func:`covsvd.capture_output_moments` on this model, damped by ``eps_output`` (an orient keyword).
+            ``B``'s columns are then not orthogonal; the split ``W = W_res + B A`` is exact all the same.
 
     Raises:
         ValueError (naming the layer, its shape and the fix), before anything is computed or written:
@@ -148,7 +151,8 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
         On any error while orienting or writing nothing is left at ``path``.
     """
     check_exportable(model, tokenizer, orient_kwargs)
-    plan = plan_targets(model, moments, r, metric, targets, check_weights=check_weights)
+    plan = plan_targets(model, moments, r, metric, targets, check_weights=check_weights,
+                        output_moments=output_moments)
     check_peft_names(model, plan.names)
     path = Path(path)
     if path.exists() and not overwrite:
