@@ -185,7 +185,7 @@ def test_widget_wiring_updates_the_view(setup):
 # ------------------------------------------------------------------------------------------------ two-sided
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)  # the same examples on every run
 @given(d_out=st.integers(2, 12), d_in=st.integers(2, 12), seed=st.integers(0, 2**16), diag=st.booleans())
 @example(d_out=9, d_in=4, seed=5, diag=False)
 def test_oblique_error_curve_equals_functional_error_for_two_sided(d_out, d_in, seed, diag):
