@@ -185,3 +185,17 @@ def test_allocate_two_sided_tolerance_and_absolute_end_to_end(arch):
     assert max_relative_error(real(logits(model, probe), probe), real(logits(base, probe), probe)) <= OUTPUT_TOL
     with pytest.raises(ValueError, match="objective='squared'"):
         covsvd.allocate_ranks(base, moments, budget, objective="squared", **kw)
+
+
+def test_two_sided_adapters_save_and_load(tmp_path):
+    base, data, moments, outputs = case("llama")
+    model = copy.deepcopy(base)
+    covsvd.attach_adapters(model, moments, R, "two-sided", output_moments=outputs, progress=False)
+    path = tmp_path / "a.safetensors"
+    covsvd.save_adapters(model, path)
+    loaded = copy.deepcopy(base)
+    covsvd.load_adapters(loaded, path)
+    probe = data[0]
+    assert torch.equal(logits(loaded, probe), logits(model, probe))
+    cfg = next(iter(covsvd.adapters(loaded).values())).config
+    assert cfg["metric"] == "two-sided" and cfg["eps_output"] > 0 and cfg["eps_output_arg"] == covsvd.DEFAULT_EPS
