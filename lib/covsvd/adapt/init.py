@@ -99,7 +99,7 @@ def init_adapters(model: nn.Module, batches: Iterable, r: int | dict[str, int], 
             and modules tied to embeddings).
         capture: the capture's options: a dict of :class:`~covsvd.capture.options.CaptureOptions` fields (e.g.
             ``{"token_mask": "labels"}``), completed by init's defaults ``layerwise=True`` (capture a block,
-            attach it, free its moments) and the kind the metric needs (``"full"`` for full / corda, else
+            attach it, free its moments) and the kind the metric needs (``"full"`` for full / corda / two-sided, else
             ``"diag"``); or a ``CaptureOptions``, used as it is.
         moments_dir: a directory for each block's moments (non-layerwise: one file of all of them); existing
             files are reused (module doc).
