@@ -156,3 +156,13 @@ def test_a_budget_beyond_full_rank_is_capped():
 def test_check_sufficient_names_what_it_needs():
     with pytest.raises(TypeError, match="SecondMoment"):
         covsvd.check_sufficient({"a": torch.eye(3)})
+
+
+def test_a_capture_option_given_to_init_is_refused_before_any_data_runs():
+    model = tiny_decoder("llama", layers=1)
+    calls = Forwards(model)
+    with pytest.raises(TypeError, match=r"\['token_mask'\] are capture options: pass capture=\{'token_mask': \.\.\.\}"):
+        covsvd.init_adapters(model, batches(), 2, token_mask="labels", progress=False)
+    with pytest.raises(TypeError, match="orient's keywords are"):
+        covsvd.attach_adapters(model, None, r=2, metric="identity", solvr="eigh", progress=False)
+    assert calls.n == 0

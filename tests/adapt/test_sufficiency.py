@@ -60,7 +60,9 @@ def test_identical_moments_give_zero_angles(seed, d_out, d_in, data):
     g = torch.Generator().manual_seed(seed)
     W = make_W(d_out, d_in, seed)
     C = SecondMoment.from_rows(sample(3 * d_in, d_in, g))
-    a = basis_angles(W, C, C, r, metric, side=side)
+    # two-sided: both orientations share one output moment G (d_out wide)
+    kw = dict(output=SecondMoment.from_rows(sample(3 * d_out, d_out, g))) if metric == "two-sided" else {}
+    a = basis_angles(W, C, C, r, metric, side=side, **kw)
     assert a.shape == (r,) and a.dtype == F64
     assert float(a.max()) < 1e-10, a
 

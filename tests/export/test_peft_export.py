@@ -20,7 +20,7 @@ import types
 import pytest
 import torch
 from conftest import padded_batches, tiny_bert, tiny_gpt2
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -236,18 +236,24 @@ def test_corda_equals_peft_corda(bert_tiny, tmp_path, monkeypatch, r, method):
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(r=st.integers(1, 16), metric=st.sampled_from(covsvd.METRICS), eps=st.sampled_from([1e-4, 1e-3, 1e-2]),
        eps_mode=st.sampled_from(["absolute", "relative"]))
+@example(r=5, metric="two-sided", eps=1e-3, eps_mode="relative")  # the output-weighted metric, every run
 def test_split_is_exact_for_every_metric(bert_tiny, tmp_path_factory, r, metric, eps, eps_mode):
     """``W_res + B A == W`` (fp32 rounding), ``B A == U_r S_r P_r`` of orient, scaling 1, ``B = U diag(sqrt S)``."""
     moments = _moments(bert_tiny)  # the pooler saw 12 sequences: r <= 12 there, so r up to 16 needs fewer targets
     moments = {n: m for n, m in moments.items() if m.count >= r}
+    two = dict(output_moments=_output_moments(bert_tiny), eps_output=eps) if metric == "two-sided" else {}
+    if two:  # probe gradients reach every target but the pooler (last_hidden_state does not read it)
+        moments = {n: m for n, m in moments.items() if n in two["output_moments"]}
     path = export_peft(bert_tiny, moments, tmp_path_factory.mktemp("x") / "out", r, metric, eps=eps,
-                       eps_mode=eps_mode, progress=False)
+                       eps_mode=eps_mode, progress=False, **two)
     config = json.loads((path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"] == r and not config["rank_pattern"]
     base = load_file(path / "base" / "model.safetensors")
     for n, (B, A) in adapter_factors(path / "adapter").items():
         W = weight_matrix(bert_tiny.get_submodule(n)).detach()
-        o = covsvd.orient(W, moments[n], r, metric, eps=eps, eps_mode=eps_mode, storage_dtype=F64)
+        G = two["output_moments"][n] if two else None
+        o = covsvd.orient(W, moments[n], r, metric, eps=eps, eps_mode=eps_mode, storage_dtype=F64, output=G,
+                          eps_output=eps)
         assert B.dtype == A.dtype == base[f"{n}.weight"].dtype == torch.float32
         assert max_relative_error(base[f"{n}.weight"].double() + B.double() @ A.double(), W) <= 1e-6, n
         assert max_relative_error(B.double(), o.U * o.S.sqrt()) <= 1e-6, n  # B = U diag(sqrt S)
@@ -261,6 +267,15 @@ def _moments(model):
     if id(model) not in _MOMENTS:
         _MOMENTS[id(model)] = covsvd.capture_moments(model, calibration(), progress=False)
     return _MOMENTS[id(model)]
+
+
+def _output_moments(model):
+    """Probe output moments of every target but the pooler (no gradient reaches it), cached per model."""
+    key = ("output", id(model))
+    if key not in _MOMENTS:
+        _MOMENTS[key] = covsvd.capture_output_moments(model, calibration(), "probe", targets=r"encoder\..*",
+                                                      progress=False)
+    return _MOMENTS[key]
 
 
 # ----------------------------------------------------------------------------------------------- peft's name matching

@@ -334,3 +334,23 @@ def test_a_run_that_learns_nothing_is_reported_as_such():
     assert any(line.strip().startswith("LEARNED NOTHING: identity seed 0") for line in lines), lines
     assert ab.summarize(df)["verdict"][0] == "learned nothing (gains did not move)"
     assert any("per arm" in line and "identity" in line for line in lines)  # the closing timing lines
+
+
+@pytest.mark.slow
+def test_the_two_sided_arm_runs_and_caches_its_output_moments(reference, cache, tmp_path):
+    """The two-sided arm: probe output moments captured once into the cache (then read back, checked against the
+    model), adapters the identity at init, the gains trained; its row sits beside the other arms' config."""
+    out = tmp_path / "rows.csv"
+    before = {p.name for p in cache.iterdir()}
+    df = ab.ablate(arms=["two-sided"], seeds=[0], out=out, config=ab.QUICK_CONFIG, cache_dir=cache, progress=False,
+                   log=None, threads=1)
+    row = df.row(0, named=True)
+    assert df.height == 1 and row["arm"] == row["metric"] == "two-sided" and row["axis"] == "metric"
+    assert row["init_output_error"] < 1e-4 and row["gain_norm"] > 0 and row["trainable_params"] == 6 * ab.QUICK_CONFIG.r
+    assert row["config_hash"] == reference[1]["config_hash"][0]  # the arm does not change the other rows' key
+    written = {p.name for p in cache.iterdir()} - before
+    assert len(written) == 1 and next(iter(written)).startswith("output-probe0-")
+    again = ab.ablate(arms=["two-sided"], seeds=[0, 1], out=out, config=ab.QUICK_CONFIG, cache_dir=cache,
+                      progress=False, log=None, threads=1)
+    assert again.height == 2 and {p.name for p in cache.iterdir()} - before == written  # read back, not recaptured
+    assert again.filter(pl.col("seed") == 0).row(0, named=True)["score_after"] == row["score_after"]

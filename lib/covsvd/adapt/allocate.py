@@ -8,8 +8,12 @@ orientation (docs/algebra.md, "Eckart-Young under the metric"; ``orient``'s ``in
 the other metrics the same quantity under their own norm. A rank costs ``c_l`` parameters (:data:`COSTS`):
 ``"lora"`` ``d_in + d_out`` (a LoRA factor pair per rank), ``"gain"`` 1 (the bounded-gain adapter's ``g``).
 
-Rules (:data:`RULES`): ``"optimal"`` (exact; the argument is in :mod:`covsvd.algebra.budget`) and ``"threshold"``
-(EVA-like), both pure functions of the spectra and costs in :mod:`covsvd.algebra.budget`.
+Rules (:data:`RULES`): ``"optimal"`` (exact; the argument is in :mod:`covsvd.algebra.budget`), ``"threshold"``
+(EVA-like) and ``"tolerance"`` (PGSVD-like: the smallest error tolerance common to every layer whose ranks fit the
+budget), all pure functions of the spectra and costs in :mod:`covsvd.algebra.budget`. Objectives
+(``objective=``): ``"relative"`` (the per-layer squared relative errors above) or ``"absolute"`` (their
+unnormalised tails ``sum_{i >= r} S_{l,i}^2``: under ``metric="two-sided"`` the estimated change of the loss or
+output, in the same units in every layer; docs/algebra.md, "The output side").
 
 The pure part (spectra and costs in, ranks out; no modules): :func:`metric_spectrum`, :func:`dropped_energy`,
 :func:`rank_costs`, :func:`optimal_ranks`, :func:`threshold_ranks`, :func:`allocation_cost`,
@@ -27,16 +31,18 @@ from tqdm.auto import tqdm
 
 from ..algebra.budget import (
     COSTS,
+    OBJECTIVES,
     RULES,
     allocation_cost,
     check_rank_bounds,
     optimal_ranks,
     rank_costs,
     threshold_ranks,
+    tolerance_ranks,
 )
 from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE
-from ..algebra.orient import metric_factor, right_factor
-from ..algebra.validate import METRICS, moment_parts
+from ..algebra.orient import metric_factor, output_factor, right_factor
+from ..algebra.validate import METRICS, moment_parts, output_parts
 from ..util.checks import check_choice, check_count, check_weight, where
 from .plan import plan_targets
 
@@ -58,22 +64,28 @@ def metric_spectrum(
     solver: str = "cholesky",
     alpha: float = 0.5,
     name: str | None = None,
+    output=None,
+    eps_output: float = DEFAULT_EPS,
 ) -> torch.Tensor:
     """All ``k = min(d_out, d_in)`` singular values of ``W T`` for ``metric``, fp64, descending: ``(k,)``.
 
-    The same ``W T`` :func:`covsvd.orient` decomposes (its :func:`~covsvd.algebra.orient.metric_factor` and
-    :func:`~covsvd.algebra.orient.right_factor`, every step in fp64), so ``S[:r]`` are orient's ``S`` at rank r.
-    ``W (d_out, d_in)``, ``C`` and the keyword arguments as in :func:`covsvd.orient`. Raises ``ValueError``
-    as orient does (a moment that does not fit, non-finite values, an unknown metric), naming ``name``.
+    The same ``W T`` :func:`covsvd.orient` decomposes (its :func:`~covsvd.algebra.orient.metric_factor`,
+    :func:`~covsvd.algebra.orient.output_factor` and :func:`~covsvd.algebra.orient.right_factor`, every step in
+    fp64), so ``S[:r]`` are orient's ``S`` at rank r; for ``two-sided`` that is ``K^T W F`` with ``K K^T = G +
+    eps_output I`` (``output`` required there, refused otherwise). ``W (d_out, d_in)``, ``C``, ``output`` and the
+    keyword arguments as in :func:`covsvd.orient`. Raises ``ValueError`` as orient does (a moment that does not
+    fit, non-finite values, an unknown metric), naming ``name``.
     """
     prefix = where(name)
     check_choice("metric", metric, METRICS, f"{prefix}unknown ")
     d_out, d_in = check_weight(W, prefix)
     mat, dg, mabs, _ = moment_parts(C, metric, 1, (d_out, d_in), prefix)
+    gmat, gdg, _ = output_parts(output, metric, 1, (d_out, d_in), eps_output, eps_mode, prefix)
     with torch.no_grad():
-        mat, dg, mabs = (None if t is None else t.detach().to(F64) for t in (mat, dg, mabs))
+        mat, dg, mabs, gmat, gdg = (None if t is None else t.detach().to(F64) for t in (mat, dg, mabs, gmat, gdg))
         own = metric_factor(metric, mat, dg, mabs, eps, eps_mode, solver, alpha, F64, name)
-        return torch.linalg.svdvals(right_factor(W.detach().to(F64), own, metric))  # (k,) fp64
+        out = output_factor(gmat, gdg, eps_output, eps_mode, solver, F64, name)
+        return torch.linalg.svdvals(right_factor(W.detach().to(F64), own, metric, out))  # (k,) fp64
 
 
 
@@ -81,23 +93,26 @@ def metric_spectrum(
 
 
 def _checked_layers(model, moments, metric: str, targets, r_min: int, r_max: int | None,
-                    check_weights: bool) -> dict:
-    """``{name: (W (d_out, d_in), C)}`` for every target, each checked before any decomposition runs
+                    check_weights: bool, output_moments=None) -> dict:
+    """``{name: (W (d_out, d_in), C, G)}`` for every target, each checked before any decomposition runs
     (:func:`covsvd.adapt.plan.plan_targets` at rank ``r_max``, or each layer's ``k = min(d_out, d_in)``: the
-    moment present, fitting, finite and holding enough real tokens for the largest rank allowed)."""
-    plan = plan_targets(model, moments, r_max, metric, targets, check_weights=check_weights)
+    moments present, fitting, finite and holding enough tokens for the largest rank allowed; ``G`` the output
+    moment, ``None`` for a one-sided metric)."""
+    plan = plan_targets(model, moments, r_max, metric, targets, check_weights=check_weights,
+                        output_moments=output_moments)
     for t in plan.targets.values():
         if r_min > min(t.shape):
             raise ValueError(f"{t.where()}r_min={r_min} beyond min(d_out, d_in) = {min(t.shape)}; lower r_min or "
                              "leave the layer out of targets")
-    return {n: (t.W, t.moment) for n, t in plan.targets.items()}
+    return {n: (t.W, t.moment, t.output) for n, t in plan.targets.items()}
 
 
 def _spectra(layers: dict, metric: str, eps: float, eps_mode: str, solver: str, alpha: float,
-             progress: bool) -> dict[str, torch.Tensor]:
+             progress: bool, eps_output: float = DEFAULT_EPS) -> dict[str, torch.Tensor]:
     bar = tqdm(layers.items(), desc=f"spectra ({metric})", disable=not progress, leave=False)
-    return {name: metric_spectrum(W, C, metric, eps, eps_mode, solver=solver, alpha=alpha, name=name)
-            for name, (W, C) in bar}
+    return {name: metric_spectrum(W, C, metric, eps, eps_mode, solver=solver, alpha=alpha, name=name, output=G,
+                                  eps_output=eps_output)
+            for name, (W, C, G) in bar}
 
 
 def layer_spectra(
@@ -112,16 +127,19 @@ def layer_spectra(
     targets=None,
     progress: bool = True,
     check_weights: bool = True,
+    output_moments: Mapping | None = None,
+    eps_output: float = DEFAULT_EPS,
 ) -> dict[str, torch.Tensor]:
     """``{name: metric_spectrum(W, moments[name], metric, ...)}`` (``(k,)`` fp64, descending) for every target.
 
     ``targets``: a :func:`covsvd.find_targets` spec; default the keys of ``moments`` (every Linear / Conv1D
-    for ``metric="identity"`` without moments). Every layer is validated before the first decomposition
-    (as :func:`metric_spectrum` would, naming it); the model is only read. ``progress``: a tqdm bar over layers.
+    for ``metric="identity"`` without moments). ``output_moments``, ``eps_output``: ``metric="two-sided"`` only
+    (as :func:`covsvd.attach_adapters`). Every layer is validated before the first decomposition (as
+    :func:`metric_spectrum` would, naming it); the model is only read. ``progress``: a tqdm bar over layers.
     """
     check_choice("metric", metric, METRICS, "unknown ")
-    return _spectra(_checked_layers(model, moments, metric, targets, 1, 1, check_weights), metric, eps, eps_mode,
-                    solver, alpha, progress)
+    layers = _checked_layers(model, moments, metric, targets, 1, 1, check_weights, output_moments)
+    return _spectra(layers, metric, eps, eps_mode, solver, alpha, progress, eps_output)
 
 
 def allocate_ranks(
@@ -142,6 +160,9 @@ def allocate_ranks(
     alpha: float = 0.5,
     progress: bool = True,
     check_weights: bool = True,
+    objective: str = "relative",
+    output_moments: Mapping | None = None,
+    eps_output: float = DEFAULT_EPS,
 ) -> dict[str, int]:
     """``{name: r}`` for every target: how to spread ``budget`` trainable parameters over the layers.
 
@@ -155,39 +176,48 @@ def allocate_ranks(
         cost: ``"lora"`` (a rank costs ``d_in + d_out``) or ``"gain"`` (1: the bounded-gain adapter's ``g``).
         r_min, r_max: bounds on every layer's rank; ``r_min >= 1`` (an adapter needs a rank), ``r_max <= k``
             of every layer (``None``: each layer's ``k = min(d_out, d_in)``).
-        rule: ``"optimal"`` (exact minimum of the summed squared relative errors within the budget) or
-            ``"threshold"`` (smallest r keeping ``energy`` of each layer's spectrum); module docstring.
+        rule: ``"optimal"`` (exact minimum of the summed objective within the budget), ``"threshold"``
+            (smallest r keeping ``energy`` of each layer's spectrum; ``objective`` does not enter) or
+            ``"tolerance"`` (the smallest common per-layer error tolerance whose ranks fit the budget); module
+            docstring and :mod:`covsvd.algebra.budget`.
         targets: a :func:`covsvd.find_targets` spec (default: the keys of ``moments``).
         progress: a tqdm bar over layers.
         check_weights: the moments must come from this model's weights (the named override).
+        objective: ``"relative"`` (each layer's squared relative error) or ``"absolute"`` (its unnormalised
+            squared error: commensurable across layers under ``metric="two-sided"``).
+        output_moments, eps_output: ``metric="two-sided"`` only (required there): the targets' output moments
+            (:func:`covsvd.capture_output_moments`) and their damping, as in :func:`covsvd.attach_adapters`.
 
     A budget above what every layer at its largest rank costs is capped there. Every target is validated
-    before any decomposition: its moment must exist, fit, be finite and hold at
-    least ``r_max`` (or k) real tokens, as :func:`covsvd.attach_adapters` will require of the ranks.
+    before any decomposition: its moments must exist, fit, be finite and hold at least ``r_max`` (or k) tokens,
+    as :func:`covsvd.attach_adapters` will require of the ranks.
 
     Raises:
-        ValueError: unknown ``cost`` / ``rule`` / ``metric``; ``budget`` below what ``r_min`` costs over all
-            targets; ``r_max`` beyond a layer's ``min(d_out, d_in)`` (naming it); a threshold allocation over
-            ``budget``; any moment problem (naming the layer and the fix).
+        ValueError: unknown ``cost`` / ``rule`` / ``metric`` / ``objective``; ``budget`` below what ``r_min``
+            costs over all targets; ``r_max`` beyond a layer's ``min(d_out, d_in)`` (naming it); a threshold
+            allocation over ``budget``; any moment problem (naming the layer and the fix).
     """
     check_choice("cost", cost, COSTS, "unknown ")
     check_choice("rule", rule, RULES, "unknown ")
     check_choice("metric", metric, METRICS, "unknown ")
+    check_choice("objective", objective, OBJECTIVES, "unknown ")
     check_rank_bounds(r_min, r_max, 1)  # attach_adapters needs r >= 1 in every layer
-    if rule == "optimal" or budget is not None:
+    if rule != "threshold" or budget is not None:
         check_count("budget", budget, 0)
-    layers = _checked_layers(model, moments, metric, targets, r_min, r_max, check_weights)
-    costs = rank_costs({n: tuple(W.shape) for n, (W, _) in layers.items()}, cost)
-    if rule == "optimal":  # fail on the budget before the decompositions
+    layers = _checked_layers(model, moments, metric, targets, r_min, r_max, check_weights, output_moments)
+    costs = rank_costs({n: tuple(W.shape) for n, (W, _, _) in layers.items()}, cost)
+    if rule != "threshold":  # fail on the budget before the decompositions
         forced = r_min * sum(costs.values())
         if forced > budget:
             raise ValueError(f"budget={budget} is below the {forced} parameters that r_min={r_min} costs over "
                              f"{len(costs)} layers (cost={cost!r}); raise the budget or lower r_min")
-        full = sum(costs[n] * (r_max or min(W.shape)) for n, (W, _) in layers.items())
+        full = sum(costs[n] * (r_max or min(W.shape)) for n, (W, _, _) in layers.items())
         budget = min(budget, full)  # more than every layer at its largest rank buys nothing
-    spectra = _spectra(layers, metric, eps, eps_mode, solver, alpha, progress)
+    spectra = _spectra(layers, metric, eps, eps_mode, solver, alpha, progress, eps_output)
     if rule == "optimal":
-        return optimal_ranks(spectra, costs, budget, r_min, r_max)
+        return optimal_ranks(spectra, costs, budget, r_min, r_max, objective=objective)
+    if rule == "tolerance":
+        return tolerance_ranks(spectra, costs, budget, r_min, r_max, objective=objective)
     ranks = threshold_ranks(spectra, energy, r_min, r_max)
     spent = allocation_cost(ranks, costs)
     if budget is not None and spent > budget:

@@ -56,13 +56,35 @@ def adapter_options(coeff: float, rotate: str | None, block_size: int, max_angle
     return dict(coeff=coeff, rotate=rotate, block_size=block_size, max_angle=max_angle, dtype=storage)
 
 
+#: What every covsvd entry point passes to orient itself (never taken from ``**orient_kwargs``).
+_SET_BY_CALLER = ("W", "C", "r", "metric", "eps", "eps_mode", "name", "output")
+
+
+def check_orient_kwargs(kwargs: dict, where: str) -> None:
+    """Raise ``TypeError`` before anything runs for a keyword :func:`covsvd.orient` does not take, naming the
+    capture option it may be meant as (``capture={...}``) or orient's keywords."""
+    import inspect
+
+    from ..capture.options import CaptureOptions
+
+    valid = [k for k in inspect.signature(orient).parameters if k not in _SET_BY_CALLER]
+    unknown = sorted(set(kwargs) - set(valid))
+    if not unknown:
+        return
+    capture = [k for k in unknown if k in CaptureOptions.__dataclass_fields__]
+    hint = (f"{capture} are capture options: pass capture={{{capture[0]!r}: ...}}" if capture and
+            where == "init_adapters" else f"orient's keywords are {valid}")
+    raise TypeError(f"{where}() got unexpected keyword argument(s) {unknown}: {hint}")
+
+
 def orient_target(t: Target, metric: str, eps: float, eps_mode: str, storage: torch.dtype,
                   **orient_kwargs) -> Oriented:
-    """:func:`covsvd.orient` of one planned target; an error is re-raised naming the layer, its shape, the rank
-    and the metric (``ValueError`` stays ``ValueError``, anything else becomes ``RuntimeError``)."""
+    """:func:`covsvd.orient` of one planned target (two-sided: ``output=`` its output moment, ``eps_output`` from
+    ``orient_kwargs``); an error is re-raised naming the layer, its shape, the rank and the metric (``ValueError``
+    stays ``ValueError``, anything else becomes ``RuntimeError``)."""
     try:
         return orient(t.W, t.moment, t.rank, metric=metric, eps=eps, eps_mode=eps_mode, name=t.name,
-                      storage_dtype=storage, **orient_kwargs)
+                      storage_dtype=storage, output=t.output, **orient_kwargs)
     except Exception as e:
         msg = f"orient failed for {t.where()}r={t.rank}, metric={metric!r}: {e}"
         raise (ValueError(msg) if isinstance(e, ValueError) else RuntimeError(msg)) from e
@@ -79,6 +101,8 @@ def build_adapter(t: Target, metric: str, eps: float, eps_mode: str, options: di
     config = dict(metric=metric, eps=info["eps"], eps_mode="absolute", eps_arg=info["eps_arg"], eps_mode_arg=eps_mode,
                   components=info["components"], storage=plain(storage),
                   base_digest=sampled_digest(t.module.weight))
+    if "eps_output" in info:  # two-sided: the absolute damping of G used, and what was asked for
+        config.update(eps_output=info["eps_output"], eps_output_arg=info["eps_output_arg"])
     adapter = BoundedGainLinear(
         o.U.to(dev), o.S.to(dev), o.P.to(dev), o.W_res.to(dev), getattr(t.module, "bias", None),
         coeff=options["coeff"], rotate=options["rotate"], block_size=options["block_size"],
@@ -130,6 +154,7 @@ def attach_adapters(
     progress: bool = True,
     *,
     check_weights: bool = True,
+    output_moments: dict | None = None,
     **orient_kwargs,
 ) -> AttachReport:
     """Replace each target with a :class:`BoundedGainLinear` oriented by ``metric``; freeze the rest.
@@ -154,6 +179,10 @@ def attach_adapters(
         progress: a tqdm bar over layers.
         check_weights: the moments must have been captured on this model's weights (their recorded
             fingerprint); ``False`` accepts moments of another checkpoint of the same architecture.
+        output_moments: ``metric="two-sided"`` only (and required there): ``{name: SecondMoment}`` of each
+            target's output gradients (:func:`covsvd.capture_output_moments`), checked like ``moments``
+            (:func:`covsvd.adapt.plan.check_output_moments`); its damping is ``eps_output`` (an orient keyword).
+            ``U`` is then ``G``-orthonormal, not orthonormal; the adapter and its guarantees are unchanged.
 
     Every target is checked before anything changes (:func:`covsvd.adapt.plan.plan_targets`); then all are
     oriented; only then are the modules swapped (each adapter takes its module's train/eval flag) and every
@@ -165,7 +194,9 @@ def attach_adapters(
         :class:`AttachReport`.
     """
     options = adapter_options(coeff, rotate, block_size, max_angle, dtype)
-    plan = plan_targets(model, moments, r, metric, targets, check_weights=check_weights)
+    check_orient_kwargs(orient_kwargs, "attach_adapters")
+    plan = plan_targets(model, moments, r, metric, targets, check_weights=check_weights,
+                        output_moments=output_moments)
     warn_insufficient(plan, stacklevel=3)
     built, report = build_adapters(plan, plan.names, eps, eps_mode, options, orient_kwargs, progress)
     report.settings["r"] = dict(plan.ranks) if isinstance(r, dict) else r

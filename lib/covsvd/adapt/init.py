@@ -14,6 +14,13 @@ targets and this kind, and skips capturing those blocks (they still run, to feed
 same data and token mask as the interrupted run (those are not recorded). Targets outside the blocks are
 recaptured.
 
+``metric="two-sided"``: the output moments ``G`` (:func:`covsvd.capture_output_moments`, mode ``output_mode``,
+``kind="full"``, the capture's ``token_mask``) are captured first, on the plain model, over all of ``batches``
+(a backward through the whole model per batch), unless ``output_moments=`` gives them; then the input side
+streams as above. Every target's ``G`` is held for the whole call: ``8 * sum_l d_out_l^2`` bytes (fp64 sums) on
+top of the layerwise capture's own memory. ``batches`` is then read twice, so it must be re-iterable (a list,
+not a generator).
+
 On any error or interrupt, every module this call replaced is put back (the very objects) with the
 ``requires_grad`` flags: the model is as it was.
 """
@@ -26,16 +33,19 @@ from pathlib import Path
 
 from torch import nn
 
-from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE
+from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE, resolve_eps
+from ..algebra.validate import OUTPUT_METRICS
 from ..capture.files import load_moments, read_metadata, save_moments
 from ..capture.layerwise import AFTER, BEFORE, find_blocks, iter_block_moments
 from ..capture.moments import SecondMoment
 from ..capture.options import CaptureOptions
+from ..capture.output import MODES, capture_output_moments
 from ..capture.run import capture_moments
 from ..data.fingerprint import check_same_model
 from ..data.targets import TargetSpec
-from .attach import adapter_options, build_adapters, warn_insufficient
-from .plan import Plan, capture_kind, check_moments, plan_targets
+from ..util.checks import check_choice
+from .attach import adapter_options, build_adapters, check_orient_kwargs, warn_insufficient
+from .plan import Plan, capture_kind, check_moments, check_output_moments, plan_targets
 from .registry import install, restore
 from .report import AttachReport
 
@@ -77,7 +87,8 @@ def _capture_options(capture, metric: str) -> CaptureOptions:
 def init_adapters(model: nn.Module, batches: Iterable, r: int | dict[str, int], metric: str = "full", *,
                   targets: TargetSpec = None, capture: CaptureOptions | Mapping | None = None,
                   moments_dir: str | os.PathLike | None = None, progress: bool = True, check_weights: bool = True,
-                  eps: float = DEFAULT_EPS, eps_mode: str = DEFAULT_EPS_MODE, **kwargs) -> AttachReport:
+                  eps: float = DEFAULT_EPS, eps_mode: str = DEFAULT_EPS_MODE, output_moments: Mapping | None = None,
+                  output_mode: str = "probe", **kwargs) -> AttachReport:
     """Capture, orient and attach covsvd adapters on ``model``, one block at a time by default.
 
     Args:
@@ -88,12 +99,16 @@ def init_adapters(model: nn.Module, batches: Iterable, r: int | dict[str, int], 
             and modules tied to embeddings).
         capture: the capture's options: a dict of :class:`~covsvd.capture.options.CaptureOptions` fields (e.g.
             ``{"token_mask": "labels"}``), completed by init's defaults ``layerwise=True`` (capture a block,
-            attach it, free its moments) and the kind the metric needs (``"full"`` for full / corda, else
+            attach it, free its moments) and the kind the metric needs (``"full"`` for full / corda / two-sided, else
             ``"diag"``); or a ``CaptureOptions``, used as it is.
         moments_dir: a directory for each block's moments (non-layerwise: one file of all of them); existing
             files are reused (module doc).
         progress: a bar over blocks (orient bars off).
-        check_weights: reused moment files must come from this model's weights (the named override).
+        check_weights: reused moment files (and given output moments) must come from this model's weights.
+        output_moments: ``metric="two-sided"`` only: the targets' output moments (as in
+            :func:`covsvd.attach_adapters`); ``None`` captures them first (module doc).
+        output_mode: the mode of that capture, ``"probe"`` (default: no labels, any model) or ``"fisher"``
+            (the batches' ``labels``); see :func:`covsvd.capture_output_moments`.
         eps, eps_mode, **kwargs: ``coeff``, ``rotate``, ``block_size``, ``max_angle``, ``dtype`` configure the
             adapter (:func:`covsvd.attach_adapters`); the rest go to :func:`covsvd.orient`.
 
@@ -109,8 +124,13 @@ def init_adapters(model: nn.Module, batches: Iterable, r: int | dict[str, int], 
     """
     defaults = dict(coeff=1.0, rotate=None, block_size=4, max_angle=0.5, dtype=None)
     options = adapter_options(**defaults | {k: kwargs.pop(k) for k in ADAPTER_OPTIONS if k in kwargs})
+    check_orient_kwargs(kwargs, "init_adapters")
     opts = _capture_options(capture, metric)
-    plan = plan_targets(model, None, r, metric, targets, deferred=metric != "identity")
+    plan = plan_targets(model, None, r, metric, targets, deferred=metric != "identity",
+                        output_moments=output_moments)
+    if metric in OUTPUT_METRICS:
+        batches = _output_side(model, batches, plan, opts, output_moments, output_mode, progress, check_weights,
+                               eps_mode, kwargs)
     directory = Path(moments_dir) if moments_dir is not None else None
     originals: dict[str, nn.Module] = {}
     report = AttachReport()
@@ -134,6 +154,23 @@ def init_adapters(model: nn.Module, batches: Iterable, r: int | dict[str, int], 
         raise
     report.settings.update(r=dict(plan.ranks) if isinstance(r, Mapping) else r, layerwise=opts.layerwise)
     return report
+
+
+def _output_side(model, batches, plan: Plan, opts: CaptureOptions, output_moments, output_mode: str,
+                 progress: bool, check_weights: bool, eps_mode: str, orient_kwargs: dict):
+    """Two-sided: check ``output_mode`` and ``eps_output``, capture the output moments when not given (the
+    batches must be re-iterable: ``ValueError`` for an iterator), check them and store them on the plan's
+    targets. Returns ``batches`` for the input side."""
+    check_choice("output_mode", output_mode, MODES)
+    resolve_eps(orient_kwargs.get("eps_output", DEFAULT_EPS), eps_mode, 1.0)  # raises for a bad eps_output
+    if output_moments is None:
+        if iter(batches) is batches:
+            raise ValueError("metric='two-sided' reads batches twice (output moments, then input moments): pass "
+                             "a list (or another re-iterable), not an iterator or generator")
+        output_moments = capture_output_moments(model, batches, output_mode, plan.names, "full",
+                                                token_mask=opts.token_mask, progress=progress)
+    check_output_moments(plan, output_moments, check_weights=check_weights)
+    return batches
 
 
 def _all_moments(model, batches, plan: Plan, opts: CaptureOptions, directory: Path | None, progress: bool,

@@ -12,7 +12,10 @@ one of them and before any data runs or any module changes:
   not tied to another module's;
 * the moment (when the metric needs one and it is given) fits the layer and the metric, and was captured
   on this model's weights (:func:`covsvd.data.fingerprint.check_same_model`; ``check_weights=False`` is the
-  named override).
+  named override);
+* for ``metric="two-sided"``, the output moment ``G`` (:func:`covsvd.capture_output_moments`) likewise: present,
+  ``d_out`` wide, at least ``r`` token gradients, finite, captured on this model's weights; a one-sided metric
+  given output moments raises (they would be ignored).
 
 A :class:`Plan` keeps each target's original module, so that a failed attach or init puts back the very
 objects it took out.
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..algebra.validate import FULL_METRICS, METRICS, moment_parts
+from ..algebra.validate import FULL_METRICS, METRICS, OUTPUT_METRICS, moment_parts, output_parts
 from ..capture.moments import SecondMoment
 from ..data.fingerprint import check_same_model
 from ..data.targets import find_targets, in_out_features, weight_matrix
@@ -45,6 +48,7 @@ class Target:
     W: torch.Tensor
     rank: int
     moment: object = None
+    output: object = None  # two-sided: the output moment G (d_out wide); None for one-sided metrics
     training: bool = True  # the module's train/eval flag when planned (restored on the adapter)
 
     @property
@@ -173,7 +177,7 @@ def check_tied(model: nn.Module, names: list[str]) -> None:
 
 
 def plan_targets(model: nn.Module, moments: Mapping | None, r, metric: str = "full", targets=None, *,
-                 check_weights: bool = True, deferred: bool = False) -> Plan:
+                 check_weights: bool = True, deferred: bool = False, output_moments: Mapping | None = None) -> Plan:
     """Resolve and check every target (module doc); returns the :class:`Plan`. Changes nothing.
 
     Args:
@@ -185,12 +189,18 @@ def plan_targets(model: nn.Module, moments: Mapping | None, r, metric: str = "fu
         targets: a :func:`covsvd.find_targets` spec (default: the keys of ``r``, else of ``moments``).
         check_weights: moments must come from this model's weights (not only its architecture).
         deferred: the moments will be captured later (:func:`covsvd.init_adapters`): their checks wait for
-            :func:`check_moments`; everything else is checked now.
+            :func:`check_moments` (and :func:`check_output_moments`); everything else is checked now.
+        output_moments: ``{name: SecondMoment}`` of the targets' output gradients
+            (:func:`covsvd.capture_output_moments`), or ``(d_out, d_out)`` / ``(d_out,)`` tensors: required for
+            ``metric="two-sided"`` (unless ``deferred``), refused for the one-sided metrics.
 
     Raises:
         ValueError: naming the layer, its shape and the fix (module doc).
     """
     check_choice("metric", metric, METRICS, "unknown ")
+    if output_moments is not None and metric not in OUTPUT_METRICS:
+        raise ValueError(f"output_moments were given but metric={metric!r} weighs the input side only: use "
+                         "metric='two-sided' to weigh the outputs by them, or drop output_moments")
     check_unwrapped(model)
     names = resolve_targets(model, moments, r, metric, targets, deferred)
     if r is None:
@@ -206,6 +216,7 @@ def plan_targets(model: nn.Module, moments: Mapping | None, r, metric: str = "fu
     check_tied(model, names)
     if not deferred:
         check_moments(plan, moments, check_weights=check_weights)
+        check_output_moments(plan, output_moments, check_weights=check_weights)
     return plan
 
 
@@ -232,11 +243,37 @@ def check_moments(plan: Plan, moments: Mapping | None, names: list[str] | None =
         t.moment = C
 
 
+def check_output_moments(plan: Plan, output_moments: Mapping | None, names: list[str] | None = None, *,
+                         check_weights: bool = True) -> None:
+    """For a two-sided plan: check the output moment of each of ``names`` (default: every target) and store it on
+    the target (:func:`covsvd.algebra.validate.output_parts`: present, ``d_out`` wide, ``count >= r``, finite,
+    symmetric), captured on the plan's model (a :class:`SecondMoment`'s recorded identity). A one-sided plan
+    stores nothing. Raises ``ValueError`` naming the layer and the fix."""
+    if plan.metric not in OUTPUT_METRICS:
+        return
+    for name in plan.names if names is None else names:
+        t = plan.targets[name]
+        G = None if output_moments is None else output_moments.get(name)
+        if G is None:
+            raise ValueError(f"{t.where()}metric={plan.metric!r} needs the layer's output moment and output_moments "
+                             f"has {'no entry for it' if output_moments is not None else 'not been given'}: capture "
+                             f"it (covsvd.capture_output_moments(model, batches, targets=[{name!r}, ...])) and pass "
+                             "output_moments=, or leave the layer out of targets")
+        if isinstance(G, SecondMoment) and G.model is not None:
+            check_same_model(G.model, plan.identity, f"{t.where()}its output moment",
+                             "capture the output moments on this model (covsvd.capture_output_moments(model, "
+                             "batches))", check_weights)
+        output_parts(G, plan.metric, t.rank, t.shape, 0.0, "absolute", t.where())  # eps_output is orient's check
+        t.output = G
+
+
 def capture_kind(metric: str, kind: str | None = None) -> str:
-    """The capture kind a metric needs: ``"full"`` for the metrics that read the whole ``C`` (full, corda), else
-    ``"diag"``; an explicit ``kind`` is checked against the metric (``ValueError`` for ``diag`` with a full one)."""
+    """The capture kind a metric needs: ``"full"`` for the metrics that read the whole ``C`` (full, corda) and for
+    ``two-sided`` (its optimum whitens the input by the full ``C``; an explicit ``kind="diag"`` is accepted there
+    and gives the diagonal-C two-sided metric), else ``"diag"``; an explicit ``kind`` is checked against the
+    metric (``ValueError`` for ``diag`` with full / corda)."""
     check_choice("metric", metric, METRICS, "unknown ")
-    kind = kind or ("full" if metric in FULL_METRICS else "diag")
+    kind = kind or ("full" if metric in FULL_METRICS + OUTPUT_METRICS else "diag")
     if metric in FULL_METRICS and kind != "full":
         raise ValueError(f"metric={metric!r} needs the full (d_in, d_in) moments; kind={kind!r} keeps the diagonal "
                          "only: pass kind='full' (or kind=None)")

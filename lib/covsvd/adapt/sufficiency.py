@@ -32,7 +32,7 @@ from torch import nn
 
 from ..algebra.measures import principal_angles
 from ..algebra.orient import orient
-from ..algebra.validate import FULL_METRICS, METRICS
+from ..algebra.validate import FULL_METRICS, METRICS, ONE_SIDED_METRICS, OUTPUT_METRICS
 from ..capture.moments import SecondMoment
 from ..capture.run import capture_moments
 from ..data.targets import TargetSpec, weight_matrix
@@ -69,8 +69,8 @@ def check_sufficient(
     Args:
         moments: a ``{name: SecondMoment}`` dict (:func:`covsvd.capture_moments`) or one ``SecondMoment``
             (reported under the name ``"moment"``).
-        metric: the metric the moments will orient by. Only ``full`` and ``corda`` read the full matrix, so
-            only they are checked; for ``diag``, ``asvd`` and ``identity`` nothing is reported (a diagonal
+        metric: the metric the moments will orient by. Only ``full``, ``corda`` and ``two-sided`` read the full
+            matrix, so only they are checked; for ``diag``, ``asvd`` and ``identity`` nothing is reported (a diagonal
             moment has no rank to lose). Unknown metrics raise ``ValueError``.
         names: check only these layers (``KeyError`` for a name not in ``moments``).
         stacklevel: passed to ``warnings.warn`` (2: the caller's line).
@@ -91,7 +91,7 @@ def check_sufficient(
         if not isinstance(m, SecondMoment):
             raise TypeError(f"moments[{name!r}] is a {type(m).__name__}: check_sufficient reads the token count of a "
                             "covsvd.SecondMoment (covsvd.capture_moments); a tensor carries none")
-        if metric in FULL_METRICS and m.kind == "full" and m.count < m.d_in:
+        if metric in FULL_METRICS + OUTPUT_METRICS and m.kind == "full" and m.count < m.d_in:
             short[name] = (m.count, m.d_in)
     if short:
         name, (count, d_in) = next(iter(short.items()))
@@ -201,7 +201,7 @@ def split_half(
     ``calibration_batches(..., batch_size=...)``) and what capture and orientation raise (e.g. a half with
     fewer than ``r`` tokens).
     """
-    check_choice("metric", metric, METRICS)
+    check_choice("metric", metric, ONE_SIDED_METRICS)  # two-sided would need an output moment per half too
     check_choice("side", side, SIDES)
     batches = list(batches)
     if len(batches) < 2:
@@ -214,9 +214,10 @@ def split_half(
 
 def _angles(model, moments_a, moments_b, r, metric, names, side, progress, stacklevel, orient_kwargs):
     """The loop behind :func:`layer_angles` and :func:`split_half`; ``stacklevel`` points the warning at
-    their caller."""
+    their caller. One-sided metrics only (a two-sided orientation would need an output moment per layer)."""
     from tqdm.auto import tqdm
 
+    check_choice("metric", metric, ONE_SIDED_METRICS)
     check_choice("side", side, SIDES)
     names = list(moments_a) if names is None else list(names)
     missing = [n for n in names if n not in moments_a or n not in moments_b]

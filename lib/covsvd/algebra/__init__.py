@@ -4,10 +4,13 @@ measures, Cayley rotations and the rank-allocation dynamic programme."""
 from .budget import (
     allocation_cost,
     allocation_error,
+    allocation_tolerance,
     dropped_energy,
     optimal_ranks,
     rank_costs,
+    ranks_at_tolerance,
     threshold_ranks,
+    tolerance_ranks,
 )
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp
 from .loftq import QuantizedResidual, quantize_residual
@@ -31,6 +34,7 @@ __all__ = [
     "Oriented",
     "allocation_cost",
     "allocation_error",
+    "allocation_tolerance",
     "damp",
     "dropped_energy",
     "functional_error",
@@ -40,5 +44,7 @@ __all__ = [
     "principal_angles",
     "quad",
     "rank_costs",
+    "ranks_at_tolerance",
     "threshold_ranks",
+    "tolerance_ranks",
 ]

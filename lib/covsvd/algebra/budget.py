@@ -69,10 +69,9 @@ from ..util.checks import check_choice, check_count
 
 #: Parameters one rank costs: ``"lora"`` ``d_in + d_out`` (a LoRA A/B pair), ``"gain"`` 1 (the gain ``g``).
 COSTS = ("lora", "gain")
-#: ``"optimal"``: the exact budgeted minimum; ``"threshold"``: an energy fraction per layer (module doc).
-#: (:func:`tolerance_ranks` is the third rule; :func:`covsvd.allocate_ranks` does not dispatch it yet, so it is not
-#: listed here, where allocate_ranks reads its choices.)
-RULES = ("optimal", "threshold")
+#: ``"optimal"``: the exact budgeted minimum (:func:`optimal_ranks`); ``"threshold"``: an energy fraction per layer
+#: (:func:`threshold_ranks`); ``"tolerance"``: one error tolerance for every layer (:func:`tolerance_ranks`).
+RULES = ("optimal", "threshold", "tolerance")
 #: What ``e_l(r)`` measures: ``"relative"`` or ``"absolute"`` squared error (module doc).
 OBJECTIVES = ("relative", "absolute")
 F64 = torch.float64

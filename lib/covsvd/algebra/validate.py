@@ -13,13 +13,15 @@ from .damping import EPS_MODES, SOLVERS, resolve_eps
 from .svd import COMPONENTS, SVDS
 
 #: The one-sided metrics: each needs at most the input moment C (module doc of :mod:`covsvd.algebra.orient`).
-METRICS = ("identity", "diag", "full", "corda", "asvd")
+ONE_SIDED_METRICS = ("identity", "diag", "full", "corda", "asvd")
 #: The metrics that also weigh the output side: they need an output moment G (``orient(..., output=G)``).
 #: ``"two-sided"`` takes the input moment C full (the K-FAC optimum of docs/algebra.md) or diagonal, and G
 #: full ``(d_out, d_out)`` or diagonal ``(d_out,)`` (FWSVD-style rows).
 OUTPUT_METRICS = ("two-sided",)
-#: Every metric :func:`covsvd.orient` accepts.
-ORIENT_METRICS = METRICS + OUTPUT_METRICS
+#: Every metric of :func:`covsvd.orient` and of the entry points (attach, init, export, allocate).
+METRICS = ONE_SIDED_METRICS + OUTPUT_METRICS
+#: The same tuple as :data:`METRICS` (the name orient's checks use).
+ORIENT_METRICS = METRICS
 #: The metrics that need the full ``(d_in, d_in)`` second moment.
 FULL_METRICS = ("full", "corda")
 #: The dtypes orientation decomposes in (``compute_dtype=``).

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from ..algebra.orient import METRICS
+from ..algebra.validate import ONE_SIDED_METRICS
 from .checks import CLIError, check_input, check_output, positive_int, target_spec
 from .inputs import DTYPES, MODEL_CLASSES, check_data, load, make_batches, token_mask
 from .launch import Launch, free_memory, rank0
@@ -294,7 +294,7 @@ def add_init(sub) -> None:
     add_data_args(p)
     add_capture_args(p, kind=False)
     p.add_argument("--r", type=positive_int, required=True, metavar="INT", help="rank kept per layer")
-    p.add_argument("--metric", choices=METRICS, default="full",
+    p.add_argument("--metric", choices=ONE_SIDED_METRICS, default="full",
                    help="orientation metric (default full; identity is plain SVD and reads no data)")
     p.add_argument("--eps", type=float, default=None, help="damping (default: covsvd.orient's)")
     p.add_argument("--eps-mode", choices=("absolute", "relative"), default=None,

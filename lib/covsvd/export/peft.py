@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapt.attach import orient_target
+from ..adapt.attach import check_orient_kwargs, orient_target
 from ..adapt.plan import Plan, plan_targets
 from ..adapt.registry import adapters
 from ..adapt.report import layer_row, rank_str, settings_record
@@ -115,8 +115,8 @@ def _card(model: nn.Module, plan: Plan, settings: dict) -> list[str]:
 def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: str = "full", *,
                 eps: float = DEFAULT_EPS, eps_mode: str = DEFAULT_EPS_MODE, targets=None, tokenizer=None,
                 overwrite: bool = False, progress: bool = True, check_weights: bool = True,
-                quantize=None, loftq_iters: int = 0, double_quant: bool = False, quant_start: str = "oriented",
-                **orient_kwargs) -> Path:
+                output_moments=None, quantize=None, loftq_iters: int = 0, double_quant: bool = False,
+                quant_start: str = "oriented", **orient_kwargs) -> Path:
     """Write a covsvd initialisation as ``path/base/`` (a transformers checkpoint holding ``W_res``) and
     ``path/adapter/`` (a peft LoRA holding ``B A = U_r diag(S_r) P_r``, and a model card); returns ``path``.
 
@@ -141,11 +141,15 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
         overwrite: replace an existing ``path`` (only once the new one is complete).
         progress: a tqdm bar over layers.
         check_weights: the moments must come from this model's weights (the named override).
+        output_moments: ``metric="two-sided"`` only (required there): ``{name: SecondMoment}`` from
+            :func:`covsvd.capture_output_moments` on this model, damped by ``eps_output`` (an orient keyword).
+            ``B``'s columns are then not orthogonal; the split ``W = W_res + B A`` is exact all the same.
         quantize, loftq_iters, double_quant, quant_start: a 4-bit base (:mod:`covsvd.export.qlora`): ``quantize``
             ``"nf4"`` / ``"fp4"`` (or a ``FourBit``) writes ``path/base`` as a pre-quantized bitsandbytes
             checkpoint of ``Q = quant(W - B A)`` per :func:`covsvd.quantize_residual` (``iters=loftq_iters``,
             ``start=quant_start``, the best iterate under the metric); base + adapter computes
-            ``dequant(Q) + B A``. ``None`` (default): the floating residual base above.
+            ``dequant(Q) + B A``. ``None`` (default): the floating residual base above. Not with
+            ``metric="two-sided"`` (the quantized residual is fitted under one-sided metrics).
 
     Raises:
         ValueError (naming the layer, its shape and the fix), before anything is computed or written:
@@ -155,8 +159,14 @@ def export_peft(model: nn.Module, moments, path: str | os.PathLike, r, metric: s
         On any error while orienting or writing nothing is left at ``path``.
     """
     check_exportable(model, tokenizer, orient_kwargs)
+    check_orient_kwargs({k: v for k, v in orient_kwargs.items() if k != "storage_dtype"}, "export_peft")
     quant = qlora_options(quantize, loftq_iters, double_quant, quant_start)
-    plan = plan_targets(model, moments, r, metric, targets, check_weights=check_weights)
+    if quant is not None and metric == "two-sided":
+        raise ValueError("export_peft(quantize=...) fits the quantized residual under a one-sided metric; "
+                         "metric='two-sided' with a 4-bit base is not supported: pass metric='full' (or export "
+                         "without quantize)")
+    plan = plan_targets(model, moments, r, metric, targets, check_weights=check_weights,
+                        output_moments=output_moments)
     check_peft_names(model, plan.names)
     if quant is not None:
         check_quantizable(model, plan)

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..capture.cache import cache_path, model_key
+from .ablate_output import output_moments_for, unit_output
 from .arms import (
     ARMS,
     DEFAULT_SEEDS,
@@ -124,12 +125,14 @@ def _norms(model) -> dict[str, float]:
 def run_arm_seed(base, task: RetrievalTask, moments: dict, arm: Arm, seed: int, config: AblationConfig,
                  probe: dict, z_probe: torch.Tensor, prototypes: torch.Tensor | None = None,
                  on_step: Callable[[int, float], None] | None = None,
-                 before_correct: torch.Tensor | None = None) -> dict:
+                 before_correct: torch.Tensor | None = None, output_moments: dict | None = None) -> dict:
     """Attach (timed), check the identity at init on ``probe``, train, evaluate. Returns the run's numbers.
 
     ``prototypes``: the untrained model's prototypes (the memory's start for ``loss="prototypes"``).
     ``before_correct``: the untrained model's per-query hits (Q,) bool, for ``n_fixed`` / ``n_broken``
     (queries this run gets right that the untrained model got wrong, and the reverse); ``None``: -1.
+
+    ``output_moments``: the targets' output moments, for the two-sided arm (:mod:`covsvd.lab.ablate_output`).
 
     ``base`` is never mutated: the run works on a deep copy (so rows do not depend on run order).
     """
@@ -141,7 +144,9 @@ def run_arm_seed(base, task: RetrievalTask, moments: dict, arm: Arm, seed: int, 
     report = covsvd.attach_adapters(
         model, moments, r=config.r, metric=arm.metric, eps=config.eps, eps_mode=config.eps_mode,
         coeff=config.coeff, rotate=arm.rotate, block_size=config.block_size, max_angle=config.max_angle,
-        targets=config.targets, progress=False)
+        targets=config.targets, progress=False,
+        **(dict(output_moments=unit_output(output_moments), eps_output=config.eps) if arm.metric == "two-sided"
+           else {}))
     init_s = time.perf_counter() - t0
     with torch.no_grad():
         init_err = float((embed(model, probe) - z_probe).abs().max())
@@ -265,6 +270,10 @@ def _ablate(arms, seeds, out, config, cache_dir, model_path, progress, hook, log
         need_moments = any(ARMS[a].train and ARMS[a].metric != "identity" for a, _ in todo)
         moments, minfo = (moments_for(model, tokenizer, config, cache_dir, progress) if need_moments
                           else (None, dict(capture_s=0.0, cached=False, tokens=0)))
+        outputs = None
+        if any(ARMS[a].metric == "two-sided" for a, _ in todo):
+            outputs, oinfo = output_moments_for(model, tokenizer, config, cache_dir, progress)
+            setup["output moments (cached)" if oinfo["cached"] else "output moments (captured)"] = oinfo["capture_s"]
         if need_moments:
             setup["moments (cached)" if minfo["cached"] else "moments (captured)"] = minfo["capture_s"]
             say(f"moments: {minfo['tokens']} train-split tokens, "
@@ -308,7 +317,7 @@ def _ablate(arms, seeds, out, config, cache_dir, model_path, progress, hook, log
                             hook(arm_name, seed, step)
 
                     res = run_arm_seed(model, task, moments, arm, seed, config, probe, z_probe, prototypes,
-                                       on_step, before_correct=before["correct"])
+                                       on_step, before_correct=before["correct"], output_moments=outputs)
                 else:
                     res = dict(trainable_params=0, init_s=0.0, train_s=0.0, eval_s=0.0,
                                score_after=before["accuracy"], mrr_after=before["mrr"], n_fixed=0, n_broken=0,

@@ -28,6 +28,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("diag", "diag", None, axis="metric"),
     Arm("full", "full", None, axis="metric"),
     Arm("corda", "corda", None, axis="metric"),
+    Arm("two-sided", "two-sided", None, axis="metric"),  # G: probe output moments (covsvd.lab.ablate_output)
     Arm("rot-V", "identity", "V", axis="rotation"),
     Arm("rot-U", "identity", "U", axis="rotation"),
     Arm("rot-both", "identity", "both", axis="rotation"),

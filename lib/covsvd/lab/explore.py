@@ -10,6 +10,11 @@ Choose a layer, a metric, the rank r and eps (a log slider) and see, for that or
   output error of the truncated layer on that data), both metrics;
 * the principal angles between the top-r input bases (rows of P) of the metric and of a second metric.
 
+``two-sided`` (``N^{1/2} W M^{1/2}``, docs/algebra.md "The output side") is offered when the explorer is given the
+layers' output moments (``output_moments=``, from :func:`covsvd.capture_output_moments`); its damping
+``eps_output`` follows the same eps slider. Its U is not orthonormal, so its error curve is
+:func:`oblique_error_curve` (exact for any factors) rather than :func:`error_curve` (projections only).
+
 Two layers: :class:`Explorer` is pure (no widgets): :meth:`Explorer.view` maps a :class:`State` to a
 :class:`View` (numbers and curves, fp64 tensors) and :func:`draw` maps a View to a matplotlib Figure; the
 widget wiring (:class:`ExplorerApp`, built by :func:`explore`) only reads controls, calls them and shows
@@ -33,65 +38,16 @@ import torch
 from torch import nn
 
 from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE
-from ..algebra.measures import metric_mul, principal_angles, quad
-from ..algebra.orient import METRICS, orient
-from ..algebra.validate import FULL_METRICS
+from ..algebra.measures import principal_angles
+from ..algebra.orient import orient
+from ..algebra.validate import FULL_METRICS, METRICS, ONE_SIDED_METRICS, OUTPUT_METRICS
 from ..capture.moments import SecondMoment
 from ..data.targets import weight_matrix
+from .error_curves import error_curve, oblique_error_curve, output_moment
 
 F64 = torch.float64
 #: eps slider range, as powers of ten.
 EPS_EXPONENTS = (-8.0, 0.0)
-
-
-# ------------------------------------------------------------------------------------------- pure algebra
-
-
-def output_moment(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """``G = W C W^T`` ``(d_out, d_out)`` fp64: the second moment of the layer's output ``y = W x`` (``C``
-    ``(d_in, d_in)`` or a ``(d_in,)`` diagonal)."""
-    W64 = W.detach().to(F64)  # (d_out, d_in)
-    return metric_mul(W64, C.detach().to(F64)) @ W64.T
-
-
-def error_curve(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tensor, C: torch.Tensor,
-                G: torch.Tensor | None = None) -> torch.Tensor:
-    """Functional error of every rank prefix of one orientation: ``(k + 1,)`` fp64, entry r for ``r = 0..k``.
-
-    ``err_r = ||(W - U_r S_r P_r) C^{1/2}||_F / ||W C^{1/2}||_F`` with ``U (d_out, k)``, ``S (k,)``, ``P (k, d_in)``
-    the factors of :func:`covsvd.orient` at rank ``k <= min(d_out, d_in)`` (any metric, ``components="top"``;
-    ``err_k`` is 0 up to rounding only when ``k = min(d_out, d_in)``) and ``C`` the data moment,
-    ``(d_in, d_in)`` or a ``(d_in,)`` diagonal. ``G``: :func:`output_moment` of ``(W, C)`` when already at hand
-    (it does not depend on the orientation; used when ``d_out <= d_in``).
-
-    Every metric's truncation is the orthogonal projection ``U_r S_r P_r = U_r U_r^T W`` (module doc of
-    :mod:`covsvd.algebra.orient`), so with ``G = W C W^T`` the error energy is ``tr(G) - sum_{j<=r} u_j^T G u_j`` and one
-    pass gives every r. The per-direction energies ``q_j = u_j^T G u_j`` are formed on the smaller side:
-    ``u_j^T G u_j`` for ``d_out <= d_in``, else ``S_j^2 p_j^T C p_j`` (since ``U^T W = diag(S) P``); cost
-    ``O(k min(d_out, d_in)^2 + d_out d_in min(d_out, d_in))``, against ``O(d_out d_in k)`` per rank for
-    :func:`covsvd.lab.teaching.truncation_curve`. The tail sums are accumulated from the smallest ``q_j`` up,
-    so small errors keep their relative precision. All in fp64. Raises ``ValueError`` when shapes do not fit.
-    """
-    W64 = W.detach().to(F64)  # (d_out, d_in)
-    d_out, d_in = W64.shape
-    k = S.shape[0]
-    if U.shape != (d_out, k) or P.shape != (k, d_in) or C.shape not in ((d_in,), (d_in, d_in)):
-        raise ValueError(f"error_curve: U {tuple(U.shape)}, S {tuple(S.shape)}, P {tuple(P.shape)}, C {tuple(C.shape)} "
-                         f"do not fit W {(d_out, d_in)}")
-    C64 = C.detach().to(F64)
-    if d_out <= d_in:
-        G = output_moment(W64, C64) if G is None else G.to(F64)  # (d_out, d_out) W C W^T
-        Ut = U.detach().to(F64).T  # (k, d_out)
-        q = ((Ut @ G) * Ut).sum(1)  # (k,) u_j^T G u_j
-    else:
-        P64 = P.detach().to(F64)  # (k, d_in)
-        q = S.detach().to(F64) ** 2 * (metric_mul(P64, C64) * P64).sum(1)  # (k,) S_j^2 p_j^T C p_j
-    total = float(quad(W64, C64)) if G is None else float(G.diagonal().sum())  # tr(W C W^T)
-    q = q.clamp_min(0)
-    tail = torch.cat([q.flip(0).cumsum(0).flip(0), q.new_zeros(1)])  # (k + 1,) sum_{j > r} q_j
-    # energy outside span(U): the directions past k when k < min(d_out, d_in), else zero up to rounding
-    tail += max(total - float(q.sum()), 0.0)
-    return (tail / total).sqrt()
 
 
 # -------------------------------------------------------------------------------------------- pure state
@@ -199,13 +155,16 @@ class Explorer:
             ``model``, else ``KeyError``).
         eps_mode: how ``State.eps`` is read (:func:`covsvd.orient`).
         cache_size: how many ``(layer, metric, eps)`` bases to keep (each holds ``r_max x d_in`` fp64).
+        output_moments: ``{name: SecondMoment}`` of the layers' output gradients
+            (:func:`covsvd.capture_output_moments`), or ``None``; with them ``metric="two-sided"`` is offered
+            (:attr:`metrics`), damped by the same eps (``eps_output = eps``).
 
     ``counts``: how many bases have been computed (a cache miss each), for tests and timing.
     """
 
     def __init__(self, model: nn.Module, moments: Mapping[str, SecondMoment],
                  held_out: Mapping[str, SecondMoment] | None = None, *, names: Iterable[str] | None = None,
-                 eps_mode: str = DEFAULT_EPS_MODE, cache_size: int = 48) -> None:
+                 eps_mode: str = DEFAULT_EPS_MODE, cache_size: int = 48, output_moments: Mapping | None = None) -> None:
         self.names = list(moments) if names is None else list(names)
         if not self.names:
             raise ValueError("explore: no layers (the moments dict is empty)")
@@ -218,6 +177,9 @@ class Explorer:
                 raise KeyError(f"explore: {type(model).__name__} has no module {n!r} (moments from another model?)")
             self.weights[n] = weight_matrix(modules[n]).detach()  # (d_out, d_in), a view: no copy
         self.moments, self.held_out, self.eps_mode = moments, held_out, eps_mode
+        self.output_moments = output_moments
+        #: The metrics offered: the one-sided ones, and two-sided when output moments were given.
+        self.metrics = ONE_SIDED_METRICS + (OUTPUT_METRICS if output_moments else ())
         self._bases = _LRU(cache_size)
         self._data = _LRU(8)  # layer -> ((C_cal, G_cal), (C_held, G_held)): undamped data moments
         self.counts = 0
@@ -249,15 +211,21 @@ class Explorer:
         and its :func:`error_curve` on each moment."""
         if metric not in METRICS:
             raise ValueError(f"explore: metric={metric!r}; expected one of {METRICS}")
+        two = metric in OUTPUT_METRICS
+        if two and (self.output_moments is None or layer not in self.output_moments):
+            raise ValueError(f"explore: metric={metric!r} needs the output moment of {layer!r}: pass output_moments= "
+                             "(covsvd.capture_output_moments(model, batches)) to explore / Explorer")
 
         def make():
             W = self.weights[layer]
             m = self.moments[layer]
             # the diagonal metrics get the diagonal moment: orient's own rel_error is then not measured
             # under the full C (two (d_out, d_in, d_in) products); error_curve measures every r instead
-            m = m if metric in FULL_METRICS else m.to_diag()
-            o = orient(W, m, self.r_max(layer), metric, eps, self.eps_mode, storage_dtype=F64, name=layer)
-            curves = [None if d is None else error_curve(W, o.U, o.S, o.P, *d) for d in self.data(layer)]
+            m = m if metric in FULL_METRICS + OUTPUT_METRICS else m.to_diag()
+            kw = dict(output=self.output_moments[layer], eps_output=eps) if two else {}
+            o = orient(W, m, self.r_max(layer), metric, eps, self.eps_mode, storage_dtype=F64, name=layer, **kw)
+            curves = [None if d is None else oblique_error_curve(W, o.U, o.S, o.P, d[0]) if two
+                      else error_curve(W, o.U, o.S, o.P, *d) for d in self.data(layer)]
             self.counts += 1
             return Basis(o.S, o.P, curves[0], curves[1], o.info)
 
@@ -406,8 +374,8 @@ class ExplorerApp:
         wide = w.Layout(width="46%")
         self.controls = {
             "layer": w.Dropdown(options=ex.names, value=first.state.layer, description="layer", layout=wide),
-            "metric": w.Dropdown(options=METRICS, value=first.state.metric, description="metric"),
-            "other": w.Dropdown(options=METRICS, value=first.state.other, description="compare"),
+            "metric": w.Dropdown(options=ex.metrics, value=first.state.metric, description="metric"),
+            "other": w.Dropdown(options=ex.metrics, value=first.state.other, description="compare"),
             "r": w.IntSlider(value=first.state.r, min=1, max=first.r_max, description="r", continuous_update=False,
                              layout=wide),
             "eps": w.FloatLogSlider(value=first.state.eps, base=10, min=EPS_EXPONENTS[0], max=EPS_EXPONENTS[1],
@@ -454,13 +422,15 @@ class ExplorerApp:
 
 def explore(model: nn.Module, moments: Mapping[str, SecondMoment], held_out: Mapping[str, SecondMoment] | None = None,
             *, layer: str | None = None, metric: str = "full", r: int = 64, eps: float = DEFAULT_EPS,
-            other: str = "diag", names: Iterable[str] | None = None, eps_mode: str = DEFAULT_EPS_MODE) -> ExplorerApp:
+            other: str = "diag", names: Iterable[str] | None = None, eps_mode: str = DEFAULT_EPS_MODE,
+            output_moments: Mapping[str, SecondMoment] | None = None) -> ExplorerApp:
     """The explorer widget for JupyterLab (ipywidgets): layer, metric, r, eps (log slider), a comparison metric.
 
     ``moments`` / ``held_out``: ``{name: SecondMoment}`` (kind ``"full"`` for every metric; ``"diag"`` moments
-    serve identity / diag / asvd only). ``layer`` defaults to the first name; the other keywords set the
+    serve identity / diag / asvd only). ``output_moments``: the layers' output moments
+    (:func:`covsvd.capture_output_moments`); with them the two-sided metric is offered. ``layer`` defaults to the first name; the other keywords set the
     starting :class:`State`. Returns an :class:`ExplorerApp`; as the last expression of a cell it displays the
     widget. The numbers and curves come from :meth:`Explorer.view` (see the module doc).
     """
-    ex = Explorer(model, moments, held_out, names=names, eps_mode=eps_mode)
+    ex = Explorer(model, moments, held_out, names=names, eps_mode=eps_mode, output_moments=output_moments)
     return ExplorerApp(ex, State(layer if layer is not None else ex.names[0], metric, r, eps, other))

@@ -133,6 +133,8 @@ METRIC_COLORS = {
     "full": PALETTE["green"],
     "corda": PALETTE["vermillion"],
     "asvd": PALETTE["purple"],
+    "two-sided": PALETTE["pink"],
+    "diag-G": PALETTE["yellow"],
 }
 ROTATE_COLORS = {"V": PALETTE["sky"], "U": PALETTE["brown"], "both": PALETTE["black"]}
 OTHER_COLOR = PALETTE["grey"]  # anything that is not one of the arms above (e.g. LoRA-family baselines)
@@ -143,6 +145,8 @@ LABELS = {
     "full": "full C (whitening)",
     "corda": "W C (CorDA literal)",
     "asvd": "E|x| (ASVD paper)",
+    "two-sided": "G and C (two-sided)",
+    "diag-G": "diag G and C (FWSVD-style rows)",
     "V": "rotate V (input basis)",
     "U": "rotate U (output basis)",
     "both": "rotate both",
@@ -150,7 +154,8 @@ LABELS = {
 
 
 def color(key: str) -> str:
-    """The colour of a metric (``identity/diag/full/corda/asvd``) or rotation (``V/U/both``)."""
+    """The colour of a metric (``identity/diag/full/corda/asvd/two-sided``, and notebook 10's ``diag-G``) or rotation
+    (``V/U/both``)."""
     try:
         return COLORS[key]
     except KeyError:
