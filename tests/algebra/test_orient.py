@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from covsvd import SecondMoment
 from covsvd.algebra.damping import COND_STEPS, DEFAULT_EPS, DEFAULT_EPS_MODE, damp, lanczos_max
 from covsvd.algebra.measures import functional_error, principal_angles
-from covsvd.algebra.orient import METRICS, orient
+from covsvd.algebra.orient import orient
+from covsvd.algebra.validate import ONE_SIDED_METRICS as METRICS  # two-sided: tests/algebra/test_two_sided.py
 from covsvd.algebra.svd import qr_svd
 
 FAST = settings(max_examples=30, deadline=None)

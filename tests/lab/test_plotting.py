@@ -84,7 +84,7 @@ def test_mode_and_output_directory(monkeypatch, tmp_path: Path):
 
 
 def test_every_arm_has_its_own_colour():
-    arms = ["identity", "diag", "full", "corda", "asvd", "V", "U", "both"]
+    arms = ["identity", "diag", "full", "corda", "asvd", "two-sided", "diag-G", "V", "U", "both"]
     assert set(cp.COLORS) == set(arms) and set(cp.LABELS) >= set(arms)
     assert len({cp.color(a) for a in arms} | {cp.OTHER_COLOR}) == len(arms) + 1
     with pytest.raises(KeyError, match="known"):
