@@ -21,8 +21,8 @@ from covsvd import SecondMoment
 from covsvd.algebra.damping import COND_STEPS, DEFAULT_EPS, DEFAULT_EPS_MODE, damp, lanczos_max
 from covsvd.algebra.measures import functional_error, principal_angles
 from covsvd.algebra.orient import orient
-from covsvd.algebra.validate import ONE_SIDED_METRICS as METRICS  # two-sided: tests/algebra/test_two_sided.py
 from covsvd.algebra.svd import qr_svd
+from covsvd.algebra.validate import ONE_SIDED_METRICS as METRICS  # two-sided: tests/algebra/test_two_sided.py
 
 FAST = settings(max_examples=30, deadline=None)
 F64 = torch.float64

@@ -18,6 +18,7 @@ import inspect
 import pytest
 import torch
 
+import covsvd
 from covsvd import SecondMoment, orient
 from covsvd.algebra.loftq import QuantizedResidual, quantize_residual
 from covsvd.algebra.measures import functional_error
@@ -304,3 +305,32 @@ def test_bad_input_raises(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         quantize_residual(**args)
+
+
+def test_two_sided_quantized_residual_minimises_the_two_sided_error():
+    """metric="two-sided": every iterate's objective is the two-sided error ||N^1/2 (W - dequant Q - U S P) M^1/2||
+    relative to ||N^1/2 W M^1/2|| (brute force with eigh square roots), the first re-fit never raises it, and
+    G = c I gives exactly the full metric's run."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(48, 64, generator=g, dtype=torch.float32)
+    X = torch.randn(400, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -1, 64, dtype=torch.float64)
+    Y = torch.randn(300, 48, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, 48, dtype=torch.float64)
+    C, G = X.T @ X / 400, Y.T @ Y / 300
+    res = covsvd.quantize_residual(W, C, 6, "two-sided", iters=3, keep="all", output=G, eps=1e-3, eps_output=1e-3)
+
+    def root(M, eps):
+        lam, Q = torch.linalg.eigh(M + eps * M.diagonal().mean() * torch.eye(M.shape[0], dtype=M.dtype))
+        return (Q * lam.clamp_min(0).sqrt()) @ Q.T
+
+    Nh, Mh = root(G, 1e-3), root(C, 1e-3)
+    ref = float(torch.linalg.matrix_norm(Nh @ W.double() @ Mh))
+    for k, (U, S, P, q) in enumerate(res.history):
+        E = W.double() - q.dequantize().double() - (U.double() * S.double()) @ P.double()
+        assert res.errors[k] == pytest.approx(float(torch.linalg.matrix_norm(Nh @ E @ Mh)) / ref, rel=1e-9)
+    assert res.errors[1] <= res.errors[0] + 1e-12
+    same = covsvd.quantize_residual(W, C, 6, "two-sided", iters=2, output=4.0 * torch.eye(48, dtype=torch.float64),
+                                    eps=1e-3, eps_output=0.0, eps_mode="absolute")
+    full = covsvd.quantize_residual(W, C, 6, "full", iters=2, eps=1e-3, eps_mode="absolute")
+    assert same.errors == pytest.approx(full.errors, rel=1e-9)
+    with pytest.raises(ValueError, match="two-sided"):
+        covsvd.quantize_residual(W, C, 6, "two-sided")

@@ -11,6 +11,7 @@ import argparse
 import csv
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -354,3 +355,16 @@ def test_the_two_sided_arm_runs_and_caches_its_output_moments(reference, cache, 
                       progress=False, log=None, threads=1)
     assert again.height == 2 and {p.name for p in cache.iterdir()} - before == written  # read back, not recaptured
     assert again.filter(pl.col("seed") == 0).row(0, named=True)["score_after"] == row["score_after"]
+
+
+def test_the_stored_sweep_rows_keep_their_key(default_model):
+    """The sweep's config hash (config + model_key) of the default model is the one data/ablations/local.csv
+    was written under: a refactor that changes the key would orphan every stored row."""
+    import polars as pl
+
+    from covsvd.capture.cache import model_key
+    from covsvd.lab.arms import AblationConfig
+
+    model, _ = default_model
+    stored = pl.read_csv(Path(__file__).resolve().parents[2] / "data" / "ablations" / "local.csv")
+    assert set(stored["config_hash"]) == {AblationConfig().config_hash(model_key(model))}

@@ -40,9 +40,9 @@ import torch
 
 from ..util.checks import check_choice, check_count, where
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE
-from .orient import back_factor, decompose, metric_factor, right_factor
+from .orient import back_factor, decompose, front_factor, metric_factor, output_factor, right_factor
 from .quant import FOUR_BIT_DTYPES, Quantized, Quantizer, quantizer
-from .validate import moment_parts, orient_options
+from .validate import moment_parts, orient_options, output_parts
 
 __all__ = ["QuantizedResidual", "quantize_residual"]
 
@@ -108,6 +108,8 @@ def quantize_residual(
     power_iters: int = 2,
     seed: int = 0,
     name: str | None = None,
+    output=None,
+    eps_output: float = DEFAULT_EPS,
 ) -> QuantizedResidual:
     """Quantize ``W (d_out, d_in)`` around rank-``r`` factors oriented by ``metric`` (module docstring).
 
@@ -119,8 +121,9 @@ def quantize_residual(
         base_dtype: the dtype the base is quantized (stored) in; default ``W.dtype``. float32 / bfloat16 /
             float16 for the 4-bit kinds.
         eps, eps_mode, components, solver, alpha, compute_dtype, storage_dtype, svd, oversample,
-        power_iters, seed, name: as :func:`covsvd.orient` (the metric is factored once and reused by every
-        iterate). With ``svd="randomized"`` an orient step is near-optimal only, so the iterate-1 guarantee
+        power_iters, seed, name, output, eps_output: as :func:`covsvd.orient` (the metric, and for
+        ``metric="two-sided"`` the output moment ``output``, are factored once and reused by every iterate; the
+        objective is then the two-sided error ``||N^{1/2} E M^{1/2}||_F``). With ``svd="randomized"`` an orient step is near-optimal only, so the iterate-1 guarantee
         holds to that approximation (``keep="best"`` still never returns worse than iterate 0).
 
     Raises:
@@ -137,6 +140,7 @@ def quantize_residual(
     storage = orient_options(W, r, metric, eps, eps_mode, components, solver, compute_dtype, storage_dtype, svd,
                              oversample, power_iters, seed, prefix)
     mat, dg, mabs, _ = moment_parts(C, metric, r, tuple(W.shape), prefix)
+    gmat, gdg, _ = output_parts(output, metric, r, tuple(W.shape), eps_output, eps_mode, prefix)
     check_count("iters", iters, 0, prefix)
     check_choice("start", start, STARTS, prefix)
     check_choice("keep", keep, KEEPS, prefix)
@@ -147,12 +151,16 @@ def quantize_residual(
                          f"the base is stored in); W {tuple(W.shape)} is {W.dtype}: pass base_dtype=")
     with torch.no_grad():
         Wc = W.detach().to(compute_dtype)  # (d_out, d_in)
-        mat, dg, mabs = (None if t is None else t.to(dtype=compute_dtype, device=Wc.device) for t in (mat, dg, mabs))
+        mat, dg, mabs, gmat, gdg = (None if t is None else t.to(dtype=compute_dtype, device=Wc.device)
+                                    for t in (mat, dg, mabs, gmat, gdg))
         own = metric_factor(metric, mat, dg, mabs, eps, eps_mode, solver, alpha, compute_dtype, name)
-        step = _Step(Wc, own, metric, r, components, svd, oversample, power_iters, seed, storage, base, qz, name)
+        out = output_factor(gmat, gdg, eps_output, eps_mode, solver, compute_dtype, name)  # None: one-sided
+        step = _Step(Wc, (own, out), metric, r, components, svd, oversample, power_iters, seed, storage, base, qz,
+                     name)
         return _iterate(step, iters, start, keep, dict(
             metric=metric, quant=qz.name, iters=iters, start=start, keep=keep, r=r,
-            eps=0.0 if own is None else own.eps, eps_mode=eps_mode, svd=svd, name=name,
+            eps=0.0 if own is None else own.eps, eps_output=None if out is None else out.eps, eps_mode=eps_mode,
+            svd=svd, name=name,
             compute_dtype=str(compute_dtype).removeprefix("torch."),
             storage_dtype=str(storage).removeprefix("torch."), base_dtype=str(base).removeprefix("torch."),
             adapter_params=r * (W.shape[0] + W.shape[1]),
@@ -162,19 +170,20 @@ def quantize_residual(
 class _Step:
     """The two half steps and the objective, with the metric factored once. Tensors in the compute dtype."""
 
-    def __init__(self, Wc, own, metric, r, components, svd, oversample, power_iters, seed, storage, base, qz,
+    def __init__(self, Wc, factors, metric, r, components, svd, oversample, power_iters, seed, storage, base, qz,
                  name):
-        self.Wc, self.own, self.metric, self.r = Wc, own, metric, r
+        (self.own, self.out), self.Wc, self.metric, self.r = factors, Wc, metric, r
         self.svd_args = (r, components, svd, oversample, power_iters, seed)
         self.storage, self.base, self.qz, self.name = storage, base, qz, name
         self.quantizations = 0
-        self.norm_T = _fro(right_factor(Wc, own, metric))  # ||W T||_F
+        self.norm_T = _fro(right_factor(Wc, self.own, metric, self.out))  # ||W T||_F (two-sided: ||K^T W F||_F)
         self.norm_W = _fro(Wc)
 
     def orient(self, A: torch.Tensor):
         """Rounded ``(U (d_out, r), S (r,), P (r, d_in))`` of the optimal rank-r ``A`` under the metric."""
-        U, S, Vh, _, _ = decompose(right_factor(A, self.own, self.metric), *self.svd_args)
+        U, S, Vh, _, _ = decompose(right_factor(A, self.own, self.metric, self.out), *self.svd_args)
         P = back_factor(Vh, self.own, self.metric)
+        U = front_factor(U, self.out)
         return U.to(self.storage), S.to(self.storage), P.to(self.storage)
 
     def zero(self):
@@ -197,7 +206,7 @@ class _Step:
     def errors(self, deq: torch.Tensor, f) -> tuple[float, float]:
         """(objective, relative Frobenius) of ``W - dequant(Q) - U S P``."""
         E = self.Wc - deq - self.product(f)  # (d_out, d_in)
-        num_T = _fro(right_factor(E, self.own, self.metric))
+        num_T = _fro(right_factor(E, self.own, self.metric, self.out))
         return _ratio(num_T, self.norm_T), _ratio(_fro(E), self.norm_W)
 
 

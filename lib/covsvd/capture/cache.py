@@ -15,9 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..data.fingerprint import model_identity
 from ..data.targets import TargetSpec
-from ..util.digest import batches_digest, json_digest, state_digest
+from ..util.digest import batches_digest, json_digest, shapes_digest, state_digest
 from ..version import __version__
 from .files import load_moments, save_moments
 from .moments import SecondMoment
@@ -32,10 +31,11 @@ def default_cache_dir() -> Path:
 
 
 def model_key(model: nn.Module) -> str:
-    """What identifies a model's *numbers*: its architecture fingerprint (:func:`covsvd.data.fingerprint.model_identity`)
-    and 16 hex digits of SHA-256 over every state-dict tensor, so two checkpoints of one architecture never share
-    a key."""
-    return f"{model_identity(model)['fingerprint']}-{state_digest(model)[:16]}"
+    """What identifies a model's *numbers* in cache and sweep keys: 16 hex digits over its parameters' names and
+    shapes (:func:`covsvd.util.digest.shapes_digest`) and 16 over every state-dict tensor
+    (:func:`covsvd.util.digest.state_digest`), so two checkpoints of one architecture never share a key. The
+    formula is kept fixed: a change would orphan every cached file and every stored sweep row."""
+    return f"{shapes_digest(model)[:16]}-{state_digest(model)[:16]}"
 
 
 def _targets_spec(targets: TargetSpec):

@@ -43,6 +43,14 @@ def sampled_digest(W: torch.Tensor, samples: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
+def shapes_digest(model: nn.Module) -> str:
+    """Hex SHA-256 over every parameter's name and shape (``"name:(d0, d1);"``): the structure, no values."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)};".encode())
+    return h.hexdigest()
+
+
 def state_digest(model: nn.Module) -> str:
     """Hex SHA-256 over every ``state_dict`` entry's name, dtype, shape and bytes (all the model's numbers)."""
     h = hashlib.sha256()
