@@ -179,7 +179,7 @@ def _all_moments(model, batches, plan: Plan, opts: CaptureOptions, directory: Pa
     path = directory / "moments.safetensors" if directory is not None else None
     if path is not None and path.is_file():
         return _load_checked(path, plan, opts.kind, plan.names, check_weights)
-    moments = capture_moments(model, batches, plan.names, progress=progress, **_fields(opts))
+    moments = capture_moments(model, batches, plan.names, progress=progress, **opts.kwargs())
     if path is not None:
         save_moments(moments, path, model=model)
     return moments
@@ -197,7 +197,7 @@ def _layerwise(model, batches, plan: Plan, opts: CaptureOptions, directory: Path
 
     outside: dict[str, SecondMoment] = {}
     stages = iter_block_moments(model, batches, plan.names, opts.kind, progress,
-                                reuse=reuse if directory is not None else None, **_fields(opts, "kind", "layerwise"))
+                                reuse=reuse if directory is not None else None, **opts.kwargs("kind", "layerwise"))
     try:
         for stage, moments in stages:
             for m in moments.values():
@@ -214,7 +214,3 @@ def _layerwise(model, batches, plan: Plan, opts: CaptureOptions, directory: Path
             attach(outside, list(outside))
     finally:
         stages.close()
-
-
-def _fields(opts: CaptureOptions, *drop: str) -> dict:
-    return {k: getattr(opts, k) for k in opts.__dataclass_fields__ if k not in drop}

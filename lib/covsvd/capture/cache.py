@@ -8,7 +8,6 @@ capture would give (fp64 sums, written atomically and checked on load by :mod:`c
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -72,6 +71,6 @@ def cached_capture(model: nn.Module, batches: Iterable, targets: TargetSpec = No
     if path.is_file():
         return load_moments(path, model=model)
     moments = capture_moments(model, batches, targets, progress=progress,
-                              **{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})
+                              **opts.kwargs())
     save_moments(moments, path, model=model, overwrite=True)
     return moments

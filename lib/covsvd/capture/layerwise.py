@@ -31,7 +31,6 @@ last one (weight-shared layers) is seen only by a tail pass: use ``layerwise=Fal
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from functools import partial
@@ -339,12 +338,8 @@ def capture_layerwise(model: nn.Module, batches: Iterable, targets: TargetSpec, 
     (``None``: left on the block's device). Shared inputs stay one object under each name."""
     out: dict[str, SecondMoment] = {}
     offload = options.offload
-    for _, moments in iter_block_moments(model, batches, targets, options.kind, progress, **_fields(options)):
+    for _, moments in iter_block_moments(model, batches, targets, options.kind, progress, **options.kwargs("kind")):
         moved: dict[int, SecondMoment] = {}
         for name, m in moments.items():
             out[name] = moved.setdefault(id(m), m.to(offload) if offload is not None else m)
     return {n: out[n] for n in find_targets(model, targets)}
-
-
-def _fields(options: CaptureOptions) -> dict:
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.name != "kind"}

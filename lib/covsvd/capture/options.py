@@ -84,6 +84,10 @@ class CaptureOptions:
             raise TypeError(f"unknown capture option(s) {unknown}; the options are {sorted(fields)}")
         return cls(**{**base, **overrides})
 
+    def kwargs(self, *drop: str) -> dict:
+        """The fields as keyword arguments of :func:`covsvd.capture_moments` (without the names in ``drop``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in drop}
+
     def key(self) -> dict:
         """What changes the captured numbers, as JSON (the cache key). Raises ``ValueError`` for a callable
         ``token_mask`` (a function cannot be keyed)."""

@@ -22,8 +22,7 @@ from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE, resolve_eps
 from ..algebra.loftq import QuantizedResidual, quantize_residual
 from ..algebra.measures import functional_error
 
-__all__ = ["RUNS", "QuantizedResidual", "damped_matrix", "iterate_weight", "layer_runs", "layer_rows",
-           "quantize_residual"]
+__all__ = ["RUNS", "damped_matrix", "iterate_weight", "layer_runs", "layer_rows"]
 
 #: The runs per layer: (metric, start) -> whether it iterates (diag only gives its iterate 0).
 RUNS = {("identity", "zero"): True, ("identity", "oriented"): True, ("diag", "oriented"): False,
