@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
+import sys
+import time
 
 import pytest
 import torch
@@ -14,20 +15,16 @@ import covsvd
 LENGTHS = [[6, 3, 8], [2, 5], [7, 7, 1], [4]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
     from conftest import padded_batches, tiny_bert
 
     from covsvd.capture.distributed import all_reduce_moments
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file store: no process hosts a server the other still needs while it tears down
+    store = dist.FileStore(os.path.join(out_dir, "store"), world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
         model = tiny_bert()  # same seed: same weights in every process
         shard = padded_batches(LENGTHS, seed=3)[rank::world]  # this process's half of the data
@@ -41,15 +38,27 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             assert "differ between processes" in str(e)
         else:
             raise AssertionError("mismatched layouts were reduced")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # no process closes its gloo sockets (by exiting) before every process has torn its group down
+    store.add("destroyed", 1)
+    deadline = time.monotonic() + 60
+    while store.add("destroyed", 0) < world:
+        assert time.monotonic() < deadline, "the other process never tore its group down"
+        time.sleep(0.01)
+    # skip interpreter finalisation: gloo's worker threads can abort the process there (SIGABRT, "terminate
+    # called without an active exception") after all work is done; the results are on disk already
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_reduce_to_the_single_process_result(tmp_path):
     from conftest import padded_batches, tiny_bert
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same fp32 forward, bit for bit
     try:
