@@ -35,7 +35,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
 
-## make figures: re-execute every notebook headless (full settings, two at a time after the first) and rewrite figures/ + their data
+## make figures: re-execute every notebook headless (full settings, two at a time, longest first, after the moments they share are captured) and rewrite figures/ + their data
 figures: $(STAMP)
 	$(PY) -m covsvd figures --jobs 2
 

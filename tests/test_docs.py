@@ -82,6 +82,13 @@ def test_which_metric_table_is_the_notebooks_data():
         assert f"{est:.1f} [{lo:.1f}, {hi:.1f}]" in row, row
     untrained = local.filter(pl.col("arm") == "baseline")["estimate_pct"][0]
     assert f"untrained model scores {untrained:.1f}%" in README
+    two = local.filter((pl.col("source") == "local") & (pl.col("arm") == "two-sided") & (pl.col("seed") == "mean"))
+    assert f"{two['estimate_pct'][0]:.1f} [{two['ci95_low'][0]:.1f}, {two['ci95_high'][0]:.1f}]" in table_row("two-sided")
+    truncation = pl.read_csv(ROOT / "figures/data/10_truncation.csv").filter(pl.col("kind") == "all layers")
+    at = {(a, r): e for a, r, e in truncation.select("arm", "r", "hidden_rel_error").rows()}
+    assert at["two-sided", 96] < at["full", 96] and at["two-sided", 192] < at["full", 192]
+    assert at["two-sided", 32] > at["full", 32]  # "not at r = 32"
+    assert f"{at['two-sided', 96]:.3f} against {at['full', 96]:.3f} for `full` at r = 96" in README
 
 
 def test_every_name_the_readme_shows_is_public():

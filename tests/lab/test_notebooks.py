@@ -15,7 +15,15 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 import covsvd
-from covsvd.lab.figures import NOTEBOOK_GLOB, NotebookError, find_notebooks, run_notebook
+from covsvd.lab.figures import (
+    NOTEBOOK_GLOB,
+    NotebookError,
+    find_notebooks,
+    longest_first,
+    prime_moments,
+    recorded_seconds,
+    run_notebook,
+)
 from covsvd.lab.plotting import NAME_PATTERN
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,6 +118,58 @@ def test_find_notebooks_selects_by_prefix(tmp_path: Path):
     with pytest.raises(NotebookError, match="09"):
         find_notebooks(["09"], directory=tmp_path)
     assert all(NAME_PATTERN.fullmatch(p.stem) for p in find_notebooks(directory=tmp_path))
+
+
+def test_longest_first_orders_by_the_recorded_wall_time(tmp_path: Path):
+    paths = [_write(tmp_path / f"{stem}.ipynb", "1") for stem in ("01_a", "02_b", "03_c", "04_d", "05_e")]
+    for path, seconds in zip(paths, (40, 250, None, 40, 90), strict=True):
+        if seconds is not None:
+            nb = nbformat.read(path, as_version=4)
+            nb.metadata["covsvd"] = {"seconds": seconds}
+            nbformat.write(nb, path)
+    assert recorded_seconds(paths[1]) == 250 and recorded_seconds(paths[2]) is None
+    # unknown cost first, then longest first, ties in file order
+    assert [p.stem for p in longest_first(paths)] == ["03_c", "02_b", "05_e", "01_a", "04_d"]
+
+
+@pytest.mark.slow
+def test_full_run_records_its_seconds_and_quick_runs_do_not(tmp_path: Path):
+    nb = _write(tmp_path / "95_t.ipynb", "import time\ntime.sleep(0.2)")
+    run_notebook(nb, quick=True, figures_dir=tmp_path / "f", write_to=tmp_path / "q" / nb.name, timeout=120)
+    assert recorded_seconds(tmp_path / "q" / nb.name) is None
+    run = run_notebook(nb, quick=False, figures_dir=tmp_path / "f", timeout=120)
+    assert recorded_seconds(nb) == max(10, round(run.seconds, -1))
+    for stored, kept in ((run.seconds * 1.1, True), (run.seconds * 3, False)):  # rewritten only on a >20% change
+        book = nbformat.read(nb, as_version=4)
+        book.metadata["covsvd"]["seconds"] = stored
+        nbformat.write(book, nb)
+        again = run_notebook(nb, quick=False, figures_dir=tmp_path / "f", timeout=120)
+        assert (recorded_seconds(nb) == stored) == kept, (stored, again.seconds)
+
+
+@pytest.mark.slow
+def test_prime_moments_fills_the_cache_the_notebooks_read(tmp_path: Path, monkeypatch):
+    import io
+
+    monkeypatch.setenv("COVSVD_CACHE_DIR", str(tmp_path / "cache"))
+    log = io.StringIO()
+    prime_moments(quick=True, stream=log)
+    prime_moments(quick=True, stream=log)
+    first, second = log.getvalue().splitlines()
+    assert "train captured, heldout captured" in first and "train cached, heldout cached" in second, log.getvalue()
+    assert len(list((tmp_path / "cache").glob("moments-*.safetensors"))) == 2
+    # the notebooks capture with exactly these arguments: the expression the primer mirrors
+    shared = re.compile(r'cached_capture\(model, (\w+), kind="full", progress=False\)')
+    found = 0
+    for path in NOTEBOOKS:
+        code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        for var in shared.findall(code):
+            found += 1
+            split = re.search(rf"^{var} = covsvd\.calibration_batches\(tok, split=\"(\w+)\", max_tokens=([^\n]+)\)$",
+                              code, re.M)
+            assert split, (path.name, var)
+            assert split.group(2) in ("cp.by_mode(full=None, quick=4096)",), (path.name, split.group(2))
+    assert found >= 10, found  # most notebooks read the shared moments
 
 
 IMPORT = re.compile(r"^\s*(?:from\s+(covsvd[\w.]*)\s+import\s+(\([^)]*\)|[^\n#]+)|import\s+(covsvd[\w.]*))", re.M)

@@ -36,7 +36,8 @@ def add_figures(sub) -> None:
     p.add_argument("--quick", action="store_true", help="quick mode: fewer tokens/layers, temporary output")
     p.add_argument("--only", nargs="+", metavar="NN", help="run only these notebooks (prefixes: 03 05_abl ...)")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="notebooks run at a time after the first (which fills the moments cache); default 1")
+                   help="notebooks run at a time, longest first, after the moments they share are captured; "
+                   "default 1 (in order)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="seconds allowed per notebook (default 600, quick 300)")
     p.set_defaults(run=run_figures)

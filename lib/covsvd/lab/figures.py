@@ -12,6 +12,11 @@ per notebook.
 
 A failing cell stops the run with :class:`NotebookError`, whose message names the notebook, the cell
 (index and source) and the traceback.
+
+With ``jobs > 1`` the moments every notebook reads (the default model's full capture of the train and held-out
+splits, :func:`prime_moments`) are captured first with every thread, then the notebooks run ``jobs`` at a time,
+longest first: each full run records its wall time in the notebook's metadata (``covsvd.seconds``, rounded),
+and the next run starts from it (longest-processing-time order, so no long notebook starts last).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ KERNEL_NAME = "python3"
 TIMEOUT_FULL_S = 600  # per notebook
 TIMEOUT_QUICK_S = 300
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+#: the calibration tokens of the shared captures per mode (the notebooks' ``cp.by_mode(full=None, quick=4096)``)
+SHARED_TOKENS = {"full": None, "quick": 4096}
+SECONDS_KEY = "seconds"  # nb.metadata["covsvd"][SECONDS_KEY]: the last full run's wall time
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -193,12 +201,66 @@ def run_notebook(
     out = Path(write_to) if write_to is not None else path
     out.parent.mkdir(parents=True, exist_ok=True)
     nb.metadata.get("language_info", {}).pop("version", None)  # the machine's Python: churn in git, no content
+    seconds = time.monotonic() - t0
+    if not quick:
+        _record_seconds(nb, seconds)
     nbformat.write(nb, out)
     after = _figure_files(figures_dir, prefix)
     for stale in [p for p, m in before.items() if after.get(p) == m]:  # not rewritten this run
         stale.unlink()
     written = tuple(sorted({p.stem for p in after if p.suffix == ".png" and after[p] != before.get(p)}))
-    return NotebookRun(name, time.monotonic() - t0, len(code_cells), out, written)
+    return NotebookRun(name, seconds, len(code_cells), out, written)
+
+
+def _record_seconds(nb, seconds: float) -> None:
+    """Store the wall time in ``nb.metadata["covsvd"]["seconds"]`` (to 10 s), only when it moved by more than 20%
+    (the schedule needs the order of magnitude; a new value on every run would be churn in git)."""
+    meta = nb.metadata.setdefault("covsvd", {})
+    old = meta.get(SECONDS_KEY)
+    if not isinstance(old, (int, float)) or abs(seconds - old) > 0.2 * old:
+        meta[SECONDS_KEY] = int(round(seconds, -1)) or 10
+
+
+def recorded_seconds(path: str | os.PathLike) -> float | None:
+    """The wall time the last full run recorded in the notebook (``None`` if it has none)."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f).get("metadata", {}).get("covsvd", {}).get(SECONDS_KEY)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def longest_first(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` by recorded wall time, longest first; notebooks without one first of all (their cost is unknown);
+    ties in file order."""
+    def key(item):
+        k, path = item
+        seconds = recorded_seconds(path)
+        return (-(float("inf") if seconds is None else seconds), k)
+
+    return [p for _, p in sorted(enumerate(paths), key=key)]
+
+
+def prime_moments(quick: bool, stream: TextIO = sys.stderr) -> float:
+    """Capture (or find in the cache) the moments every notebook reads: the default model's full second moments
+    of the train and held-out splits (:func:`covsvd.cached_capture`, the calls the notebooks make, with
+    :data:`SHARED_TOKENS`), using every thread. Returns the seconds it took."""
+    import covsvd
+    from covsvd.capture import CaptureOptions, cache_path
+
+    t0 = time.monotonic()
+    model, tok = covsvd.load_default_model()
+    tokens = SHARED_TOKENS["quick" if quick else "full"]
+    states = []
+    for split in ("train", "heldout"):
+        batches = covsvd.calibration_batches(tok, split=split, max_tokens=tokens)
+        hit = cache_path(model, batches, None, CaptureOptions.make(kind="full")).is_file()
+        covsvd.cached_capture(model, batches, kind="full", progress=stream.isatty())
+        states.append(f"{split} {'cached' if hit else 'captured'}")
+    seconds = time.monotonic() - t0
+    stream.write(f"shared moments ({', '.join(states)}) in {seconds:.1f} s\n")
+    stream.flush()
+    return seconds
 
 
 class _Progress:
@@ -257,9 +319,10 @@ def run_figures(
     """Execute the notebooks (all, or ``only``), print progress and per-notebook times; return the runs.
 
     Figures go to ``$COVSVD_FIGURES_DIR`` if set, else ``figures/`` (full) or a new temporary directory
-    (quick). ``jobs > 1``: the first notebook runs alone (it fills the moments cache the others read), then the
-    rest ``jobs`` at a time, each kernel with ``cpu_count // jobs`` threads. Raises :class:`NotebookError` for
-    the first failing notebook (with ``jobs > 1``, after the running ones finish).
+    (quick). ``jobs > 1``: :func:`prime_moments` first, then the notebooks ``jobs`` at a time, longest first
+    (:func:`longest_first`), each kernel with ``cpu_count // jobs`` threads; the per-notebook report stays in
+    notebook order. Raises :class:`NotebookError` for the first failing notebook (with ``jobs > 1``, after the
+    running ones finish).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r} must be a positive int")
@@ -284,8 +347,8 @@ def run_figures(
     if jobs == 1 or len(paths) < 2:
         runs = [_run_one(k, path, progress, options(path)) for k, path in enumerate(paths, 1)]
     else:
-        runs = [_run_one(1, paths[0], progress, options(paths[0]))]
-        runs += _run_parallel(paths[1:], jobs, progress, options, stream)
+        prime_moments(quick, stream)
+        runs = _run_parallel(paths, jobs, progress, options, stream)
     total = time.monotonic() - progress.t_all
     stream.write(f"{'notebook':<24}{'cells':>6}{'seconds':>10}{'figures':>9}\n")
     for r in runs:
@@ -310,7 +373,8 @@ def _run_one(k: int, path: Path, progress: _Progress, options: dict) -> Notebook
 
 
 def _run_parallel(paths: list[Path], jobs: int, progress: _Progress, options, stream: TextIO) -> list[NotebookRun]:
-    """Run ``paths`` ``jobs`` at a time in worker processes; one line per finished notebook, in notebook order."""
+    """Run ``paths`` ``jobs`` at a time in worker processes, longest first; one line per finished notebook as it
+    finishes; returns the runs in notebook order."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -318,12 +382,13 @@ def _run_parallel(paths: list[Path], jobs: int, progress: _Progress, options, st
     done: dict[Path, NotebookRun] = {}
     failure: BaseException | None = None
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_notebook, path, threads=threads, **options(path)): path for path in paths}
+        futures = {pool.submit(run_notebook, path, threads=threads, **options(path)): path
+                   for path in longest_first(paths)}
         for future in as_completed(futures):
             path = futures[future]
             try:
                 run = done[path] = future.result()
-                stream.write(f"[{len(done) + 1}/{progress.n}] {run.name:<22} {run.cells:>3} cells "
+                stream.write(f"[{len(done)}/{progress.n}] {run.name:<22} {run.cells:>3} cells "
                              f"{run.seconds:7.1f} s  {len(run.figures)} figure(s)\n")
             except BaseException as e:  # the others finish; the first failure is raised
                 stream.write(f"{path.stem} FAILED\n")
