@@ -20,12 +20,11 @@ export OMP_WAIT_POLICY := PASSIVE
 
 venv: $(STAMP)
 
-# --no-compile: modules are byte-compiled when first imported, not all ~100 packages at install (half the time).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --no-compile $(TORCH)
-	$(PY) -m pip install --quiet --no-compile -e '.[lab,data,peft,quant,test]'
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[lab,data,peft,quant,test]'
 	touch $@
 
 ## make test: the whole suite (algebra properties, capture vs brute force, notebooks in quick mode)
