@@ -14,7 +14,7 @@ from .budget import (
 )
 from .damping import DEFAULT_EPS, DEFAULT_EPS_MODE, Damped, damp
 from .loftq import QuantizedResidual, quantize_residual
-from .measures import functional_error, identity_error, principal_angles, quad
+from .measures import functional_error, functional_reference, identity_error, principal_angles, quad
 from .orient import METRICS, Oriented, orient
 from .quant import QUANTS, FourBit, Int8, Quantized, Quantizer, quantizer
 
@@ -38,6 +38,7 @@ __all__ = [
     "damp",
     "dropped_energy",
     "functional_error",
+    "functional_reference",
     "identity_error",
     "optimal_ranks",
     "orient",

@@ -39,20 +39,32 @@ def quad(E: torch.Tensor, M: MetricForm) -> torch.Tensor:
     return (EM * E.to(EM.dtype)).sum()
 
 
-def functional_error(W: torch.Tensor, B: torch.Tensor, M: MetricForm = None) -> float:
+def functional_error(W: torch.Tensor, B: torch.Tensor, M: MetricForm = None, *,
+                     reference: float | None = None) -> float:
     """``||(W - B) M^{1/2}||_F / ||W M^{1/2}||_F``, in fp64.
 
     For inputs x with second moment M, ``E||(W - B) x||^2 = ||(W - B) M^{1/2}||_F^2``: this is the relative
     RMS error of replacing ``W`` by ``B`` on that input distribution. ``W``, ``B``: ``(d_out, d_in)``; ``M``
-    as in :func:`metric_mul` (a Damped is densified in fp64).
+    as in :func:`metric_mul` (a Damped is densified in fp64). ``reference``: ``||W M^{1/2}||_F^2`` when the
+    caller already has it (many ``B`` against one ``W`` and ``M``: :func:`functional_reference`), so it is not
+    recomputed; the result is the same bit for bit.
     """
     W = W.detach().to(F64)
     E = W - B.detach().to(F64)  # (d_out, d_in)
+    M = _dense(M)
+    denominator = float(quad(W, M)) if reference is None else reference
+    return math.sqrt(max(float(quad(E, M)), 0.0) / denominator)
+
+
+def functional_reference(W: torch.Tensor, M: MetricForm = None) -> float:
+    """``||W M^{1/2}||_F^2`` in fp64: the denominator (squared) of :func:`functional_error` for ``W`` and ``M``."""
+    return float(quad(W.detach().to(F64), _dense(M)))
+
+
+def _dense(M: MetricForm):
     if isinstance(M, Damped):
-        M = M.matrix().to(F64)
-    elif M is not None:
-        M = M.detach().to(F64)
-    return math.sqrt(max(float(quad(E, M)), 0.0) / float(quad(W, M)))
+        return M.matrix().to(F64)
+    return None if M is None else M.detach().to(F64)
 
 
 def identity_error(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, P: torch.Tensor, W_res: torch.Tensor,

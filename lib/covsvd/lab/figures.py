@@ -255,7 +255,8 @@ def prime_moments(quick: bool, stream: TextIO = sys.stderr) -> float:
     for split in ("train", "heldout"):
         batches = covsvd.calibration_batches(tok, split=split, max_tokens=tokens)
         hit = cache_path(model, batches, None, CaptureOptions.make(kind="full")).is_file()
-        covsvd.cached_capture(model, batches, kind="full", progress=stream.isatty())
+        if not hit:  # a cached file is left for the notebooks to read: loading it here would be wasted I/O
+            covsvd.cached_capture(model, batches, kind="full", progress=stream.isatty())
         states.append(f"{split} {'cached' if hit else 'captured'}")
     seconds = time.monotonic() - t0
     stream.write(f"shared moments ({', '.join(states)}) in {seconds:.1f} s\n")

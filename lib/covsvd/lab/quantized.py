@@ -16,13 +16,11 @@ Errors (all fp64, relative): ``cal_error`` / ``held_error`` the functional error
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..algebra.damping import DEFAULT_EPS, DEFAULT_EPS_MODE, resolve_eps
 from ..algebra.loftq import QuantizedResidual, quantize_residual
-from ..algebra.measures import quad
+from ..algebra.measures import functional_error, functional_reference
 
 __all__ = ["RUNS", "damped_matrix", "iterate_weight", "layer_runs", "layer_rows"]
 
@@ -57,21 +55,15 @@ def layer_runs(W: torch.Tensor, moment, r: int, iters: int, *, runs=RUNS, eps: f
 def layer_rows(name: str, W: torch.Tensor, results: dict, M_cal: torch.Tensor, M_held: torch.Tensor) -> list[dict]:
     """One row per (run, iterate): ``layer, metric, start, k, kept`` (the run's best), ``objective, cal_error,
     held_error, fro_error, bits, adapter_params``. ``M_cal``, ``M_held``: dense ``(d_in, d_in)`` fp64
-    (:func:`damped_matrix`); the errors are :func:`covsvd.functional_error`'s, bit for bit."""
-    W64 = W.detach().to(F64)
-    # functional_error(W, B, M), with ||W M^{1/2}||_F^2 computed once per metric instead of once per iterate
-    scale = {id(M): float(quad(W64, M)) for M in (M_cal, M_held)}
-
-    def error(B, M):
-        return math.sqrt(max(float(quad(W64 - B, M)), 0.0) / scale[id(M)])
-
+    (:func:`damped_matrix`); the errors are :func:`covsvd.functional_error`'s."""
+    ref_cal, ref_held = functional_reference(W, M_cal), functional_reference(W, M_held)  # once, not per iterate
     rows = []
     for (metric, start), res in results.items():
         for k in range(len(res.history)):
             B = iterate_weight(res, k, F64)  # errors of the stored tensors, summed in fp64
             rows.append(dict(layer=name, metric=metric, start=start, k=k, kept=k == res.best,
-                             objective=res.errors[k], cal_error=error(B, M_cal),
-                             held_error=error(B, M_held), fro_error=res.fro_errors[k],
+                             objective=res.errors[k], cal_error=functional_error(W, B, M_cal, reference=ref_cal),
+                             held_error=functional_error(W, B, M_held, reference=ref_held), fro_error=res.fro_errors[k],
                              bits=res.bits, adapter_params=0 if (start == "zero" and k == 0)
                              else res.info["adapter_params"]))
     return rows
