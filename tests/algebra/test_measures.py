@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from covsvd.algebra import damp, functional_error, functional_reference
@@ -20,3 +21,7 @@ def test_a_given_reference_gives_the_same_error_bit_for_bit():
     assert abs(functional_reference(W, C) / float((W.double() @ L).norm() ** 2) - 1) < 1e-12
     # a wrong reference changes the answer (it is used, not ignored)
     assert functional_error(W, B, C, reference=4 * functional_reference(W, C)) != functional_error(W, B, C)
+
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="functional_reference"):
+            functional_error(W, B, C, reference=bad)

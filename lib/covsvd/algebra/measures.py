@@ -47,12 +47,16 @@ def functional_error(W: torch.Tensor, B: torch.Tensor, M: MetricForm = None, *,
     RMS error of replacing ``W`` by ``B`` on that input distribution. ``W``, ``B``: ``(d_out, d_in)``; ``M``
     as in :func:`metric_mul` (a Damped is densified in fp64). ``reference``: ``||W M^{1/2}||_F^2`` when the
     caller already has it (many ``B`` against one ``W`` and ``M``: :func:`functional_reference`), so it is not
-    recomputed; the result is the same bit for bit.
+    recomputed; the result is the same bit for bit. Raises ``ValueError`` for a ``reference`` that is not a finite
+    positive number.
     """
     W = W.detach().to(F64)
     E = W - B.detach().to(F64)  # (d_out, d_in)
     M = _dense(M)
-    denominator = float(quad(W, M)) if reference is None else reference
+    if reference is not None and not (isinstance(reference, (int, float)) and math.isfinite(reference) and reference > 0):
+        raise ValueError(f"functional_error: reference={reference!r} must be ||W M^(1/2)||_F^2 > 0, a finite float "
+                         "(functional_reference(W, M) computes it)")
+    denominator = float(quad(W, M)) if reference is None else float(reference)
     return math.sqrt(max(float(quad(E, M)), 0.0) / denominator)
 
 
