@@ -4,6 +4,7 @@ It imports the core (``covsvd``); the core never imports it. Its extra dependenc
 scipy, ipywidgets, nbclient, jupyterlab) are the ``lab`` extra: ``pip install 'covsvd[lab]'``.
 
 Modules: ``task`` (the local retrieval task), ``arms`` / ``rowstore`` / ``stats`` / ``ablate`` (the ablation
-sweep), ``sweeps``, ``compress``, ``teaching``, ``whitening`` (notebook helpers), ``explore`` (the widget),
-``plotting`` / ``figures`` (figure style and the notebook runner), ``cli`` (the ``figures`` and ``ablate`` verbs).
+sweep), ``task_runs`` (notebook 08's stored training runs), ``sweeps``, ``compress``, ``teaching``, ``whitening``
+(notebook helpers), ``explore`` (the widget), ``plotting`` / ``figures`` (figure style and the notebook runner),
+``cli`` (the ``figures`` and ``ablate`` verbs).
 """

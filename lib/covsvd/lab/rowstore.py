@@ -1,5 +1,8 @@
-"""The sweep's results file: one tidy CSV row per (config, arm, seed), appended atomically under a lock, never
-duplicated, so an interrupted sweep resumes and two sweeps writing one file lose nothing.
+"""Results files of training runs: one tidy CSV row per key (the sweep's: config, arm, seed), appended atomically
+under a lock, never duplicated, so an interrupted sweep resumes and two sweeps writing one file lose nothing.
+
+The schema defaults to the ablation sweep's (:data:`COLUMNS`, keyed by :data:`KEY`); other run tables pass their
+own ``columns`` and ``key`` (:mod:`covsvd.lab.task_runs`).
 """
 
 from __future__ import annotations
@@ -41,17 +44,18 @@ def _locked(path: Path):
         os.close(fd)  # releases the lock
 
 
-def read_rows(path: str | os.PathLike) -> list[dict[str, str]]:
-    """The rows of a results CSV as strings (``[]`` when the file does not exist); checks the header."""
+def read_rows(path: str | os.PathLike, columns: tuple[str, ...] = COLUMNS) -> list[dict[str, str]]:
+    """The rows of a results CSV as strings (``[]`` when the file does not exist); raises ``ValueError`` unless
+    the header is ``columns``."""
     path = Path(path)
     if not path.exists():
         return []
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         header = tuple(reader.fieldnames or ())
-        if header != COLUMNS:
-            missing = [c for c in COLUMNS if c not in header]
-            extra = [c for c in header if c not in COLUMNS]
+        if header != tuple(columns):
+            missing = [c for c in columns if c not in header]
+            extra = [c for c in header if c not in columns]
             raise ValueError(f"{path} has another schema (missing {missing}, extra {extra}); it was written by "
                              "another covsvd version: pass a new --out, or move the old file away")
         return list(reader)
@@ -65,26 +69,28 @@ def _cell(v) -> str:
     return str(v)
 
 
-def append_row(path: str | os.PathLike, row: dict) -> bool:
+def append_row(path: str | os.PathLike, row: dict, columns: tuple[str, ...] = COLUMNS,
+               key: tuple[str, ...] = KEY) -> bool:
     """Append one row to ``path`` atomically: rewrite to a temp file in the same folder, fsync, ``os.replace``.
 
-    Returns ``False`` (and writes nothing) when a row with the same ``(config_hash, arm, seed)`` is already
-    there, so a row is never duplicated. An interruption leaves either the old file or the new one.
+    Returns ``False`` (and writes nothing) when a row with the same ``key`` values (the sweep's: ``(config_hash,
+    arm, seed)``) is already there, so a row is never duplicated. An interruption leaves either the old file or
+    the new one. Raises ``ValueError`` when ``row``'s names are not ``columns``.
     """
     path = Path(path)
-    if set(row) != set(COLUMNS):
-        raise ValueError(f"row has columns {sorted(set(row) ^ set(COLUMNS))} out of the schema (see COLUMNS)")
+    if set(row) != set(columns):
+        raise ValueError(f"row has columns {sorted(set(row) ^ set(columns))} out of the schema {columns}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
-        rows = read_rows(path)
-        key = tuple(_cell(row[k]) for k in KEY)
-        if any(tuple(r[k] for k in KEY) == key for r in rows):
+        rows = read_rows(path, columns)
+        values = tuple(_cell(row[k]) for k in key)
+        if any(tuple(r[k] for k in key) == values for r in rows):
             return False
-        rows.append({k: _cell(row[k]) for k in COLUMNS})
+        rows.append({k: _cell(row[k]) for k in columns})
 
         def write(tmp: str) -> None:
             with open(tmp, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+                w = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
                 w.writeheader()
                 w.writerows(rows)
                 fh.flush()
