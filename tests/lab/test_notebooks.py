@@ -130,6 +130,13 @@ def test_longest_first_orders_by_the_recorded_wall_time(tmp_path: Path):
     assert recorded_seconds(paths[1]) == 250 and recorded_seconds(paths[2]) is None
     # unknown cost first, then longest first, ties in file order
     assert [p.stem for p in longest_first(paths)] == ["03_c", "02_b", "05_e", "01_a", "04_d"]
+    # a run that captured the shared moments orders by the cold records, the warm one where a notebook has none
+    nb = nbformat.read(paths[3], as_version=4)
+    nb.metadata["covsvd"]["seconds_cold"] = 300
+    nbformat.write(nb, paths[3])
+    assert recorded_seconds(paths[3]) == 40 and recorded_seconds(paths[3], cold=True) == 300
+    assert recorded_seconds(paths[1], cold=True) == 250
+    assert [p.stem for p in longest_first(paths, cold=True)] == ["03_c", "04_d", "02_b", "05_e", "01_a"]
 
 
 @pytest.mark.slow
@@ -139,6 +146,9 @@ def test_full_run_records_its_seconds_and_quick_runs_do_not(tmp_path: Path):
     assert recorded_seconds(tmp_path / "q" / nb.name) is None
     run = run_notebook(nb, quick=False, figures_dir=tmp_path / "f", timeout=120)
     assert recorded_seconds(nb) == max(10, round(run.seconds, -1))
+    assert "seconds_cold" not in nbformat.read(nb, as_version=4).metadata["covsvd"]
+    run = run_notebook(nb, quick=False, figures_dir=tmp_path / "f", timeout=120, cold=True)  # its own record
+    assert recorded_seconds(nb, cold=True) == max(10, round(run.seconds, -1))
 
 
 def test_recorded_seconds_move_only_on_a_large_change():
@@ -163,8 +173,8 @@ def test_prime_moments_fills_the_cache_the_notebooks_read(tmp_path: Path, monkey
 
     monkeypatch.setenv("COVSVD_CACHE_DIR", str(tmp_path / "cache"))
     log = io.StringIO()
-    prime_moments(quick=True, stream=log)
-    prime_moments(quick=True, stream=log)
+    assert prime_moments(quick=True, stream=log)[1] is True  # it captured
+    assert prime_moments(quick=True, stream=log)[1] is False  # all cached
     first, second = log.getvalue().splitlines()
     assert "train captured, heldout captured" in first and "train cached, heldout cached" in second, log.getvalue()
     assert len(list((tmp_path / "cache").glob("moments-*.safetensors"))) == 2

@@ -15,8 +15,11 @@ A failing cell stops the run with :class:`NotebookError`, whose message names th
 
 With ``jobs > 1`` the moments every notebook reads (the default model's full capture of the train and held-out
 splits, :func:`prime_moments`) are captured first with every thread, then the notebooks run ``jobs`` at a time,
-longest first: each full run records its wall time in the notebook's metadata (``covsvd.seconds``, rounded),
-and the next run starts from it (longest-processing-time order, so no long notebook starts last).
+longest first: each full run records its wall time in the notebook's metadata, rounded, and the next run starts
+from it (longest-processing-time order, so no long notebook starts last). A notebook's time depends on the capture
+cache, so there are two records: ``covsvd.seconds`` for runs that found the shared moments cached and
+``covsvd.seconds_cold`` for runs that had to capture them (a machine that never ran the notebooks, where their own
+captures are not cached either); a run is ordered by the record of its own case.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ TIMEOUT_QUICK_S = 300
 NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 #: the calibration tokens of the shared captures per mode (the notebooks' ``cp.by_mode(full=None, quick=4096)``)
 SHARED_TOKENS = {"full": None, "quick": 4096}
-SECONDS_KEY = "seconds"  # nb.metadata["covsvd"][SECONDS_KEY]: the last full run's wall time
+SECONDS_KEY = "seconds"  # nb.metadata["covsvd"][SECONDS_KEY]: the last full run's wall time, shared moments cached
+COLD_SECONDS_KEY = "seconds_cold"  # ... and of the last full run that captured the shared moments
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -136,6 +140,7 @@ def run_notebook(
     write_to: str | os.PathLike | None = None,
     on_cell: Callable[[int, int], None] | None = None,
     threads: int | None = None,
+    cold: bool = False,
 ) -> NotebookRun:
     """Execute one notebook in a fresh kernel; raise :class:`NotebookError` on any cell error or timeout.
 
@@ -146,6 +151,8 @@ def run_notebook(
         write_to: where to write the executed notebook; ``None`` writes it back over ``path``.
         on_cell: called as ``on_cell(code_cell_number, n_code_cells)`` before each code cell (progress).
         threads: the kernel's thread count (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``); ``None``: inherited.
+        cold: a full run records its wall time under ``covsvd.seconds_cold`` (the shared moments were captured
+            for this run) instead of ``covsvd.seconds``.
     """
     t0 = time.monotonic()
     import nbformat
@@ -203,7 +210,7 @@ def run_notebook(
     nb.metadata.get("language_info", {}).pop("version", None)  # the machine's Python: churn in git, no content
     seconds = time.monotonic() - t0
     if not quick:
-        _record_seconds(nb, seconds)
+        _record_seconds(nb, seconds, COLD_SECONDS_KEY if cold else SECONDS_KEY)
     nbformat.write(nb, out)
     after = _figure_files(figures_dir, prefix)
     for stale in [p for p, m in before.items() if after.get(p) == m]:  # not rewritten this run
@@ -212,56 +219,62 @@ def run_notebook(
     return NotebookRun(name, seconds, len(code_cells), out, written)
 
 
-def _record_seconds(nb, seconds: float) -> None:
-    """Store the wall time in ``nb.metadata["covsvd"]["seconds"]`` (to 10 s), only when it moved by more than 20%
+def _record_seconds(nb, seconds: float, key: str = SECONDS_KEY) -> None:
+    """Store the wall time in ``nb.metadata["covsvd"][key]`` (to 10 s), only when it moved by more than 20%
     (the schedule needs the order of magnitude; a new value on every run would be churn in git)."""
     meta = nb.metadata.setdefault("covsvd", {})
-    old = meta.get(SECONDS_KEY)
+    old = meta.get(key)
     if not isinstance(old, (int, float)) or abs(seconds - old) > 0.2 * old:
-        meta[SECONDS_KEY] = int(round(seconds, -1)) or 10
+        meta[key] = int(round(seconds, -1)) or 10
 
 
-def recorded_seconds(path: str | os.PathLike) -> float | None:
-    """The wall time the last full run recorded in the notebook (``None`` if it has none)."""
+def recorded_seconds(path: str | os.PathLike, cold: bool = False) -> float | None:
+    """The wall time the last full run recorded in the notebook (``None`` if it has none); ``cold``: the record
+    of runs that captured the shared moments, or the other one when there is none."""
     import json
 
     with open(path, encoding="utf-8") as f:
-        value = json.load(f).get("metadata", {}).get("covsvd", {}).get(SECONDS_KEY)
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        meta = json.load(f).get("metadata", {}).get("covsvd", {})
+    for key in (COLD_SECONDS_KEY, SECONDS_KEY) if cold else (SECONDS_KEY,):
+        value = meta.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
 
 
-def longest_first(paths: Sequence[Path]) -> list[Path]:
-    """``paths`` by recorded wall time, longest first; notebooks without one first of all (their cost is unknown);
-    ties in file order."""
+def longest_first(paths: Sequence[Path], cold: bool = False) -> list[Path]:
+    """``paths`` by recorded wall time (:func:`recorded_seconds`), longest first; notebooks without one first of
+    all (their cost is unknown); ties in file order."""
     def key(item):
         k, path = item
-        seconds = recorded_seconds(path)
+        seconds = recorded_seconds(path, cold)
         return (-(float("inf") if seconds is None else seconds), k)
 
     return [p for _, p in sorted(enumerate(paths), key=key)]
 
 
-def prime_moments(quick: bool, stream: TextIO = sys.stderr) -> float:
+def prime_moments(quick: bool, stream: TextIO = sys.stderr) -> tuple[float, bool]:
     """Capture (or find in the cache) the moments every notebook reads: the default model's full second moments
     of the train and held-out splits (:func:`covsvd.cached_capture`, the calls the notebooks make, with
-    :data:`SHARED_TOKENS`), using every thread. Returns the seconds it took."""
+    :data:`SHARED_TOKENS`), using every thread. Returns the seconds it took and whether it captured any."""
     import covsvd
     from covsvd.capture import CaptureOptions, cache_path
 
     t0 = time.monotonic()
     model, tok = covsvd.load_default_model()
     tokens = SHARED_TOKENS["quick" if quick else "full"]
-    states = []
+    states, captured = [], False
     for split in ("train", "heldout"):
         batches = covsvd.calibration_batches(tok, split=split, max_tokens=tokens)
         hit = cache_path(model, batches, None, CaptureOptions.make(kind="full")).is_file()
         if not hit:  # a cached file is left for the notebooks to read: loading it here would be wasted I/O
             covsvd.cached_capture(model, batches, kind="full", progress=stream.isatty())
+            captured = True
         states.append(f"{split} {'cached' if hit else 'captured'}")
     seconds = time.monotonic() - t0
     stream.write(f"shared moments ({', '.join(states)}) in {seconds:.1f} s\n")
     stream.flush()
-    return seconds
+    return seconds, captured
 
 
 class _Progress:
@@ -348,8 +361,8 @@ def run_figures(
     if jobs == 1 or len(paths) < 2:
         runs = [_run_one(k, path, progress, options(path)) for k, path in enumerate(paths, 1)]
     else:
-        prime_moments(quick, stream)
-        runs = _run_parallel(paths, jobs, progress, options, stream)
+        _, cold = prime_moments(quick, stream)
+        runs = _run_parallel(paths, jobs, progress, options, stream, cold)
     total = time.monotonic() - progress.t_all
     stream.write(f"{'notebook':<24}{'cells':>6}{'seconds':>10}{'figures':>9}\n")
     for r in runs:
@@ -373,9 +386,10 @@ def _run_one(k: int, path: Path, progress: _Progress, options: dict) -> Notebook
     return run
 
 
-def _run_parallel(paths: list[Path], jobs: int, progress: _Progress, options, stream: TextIO) -> list[NotebookRun]:
-    """Run ``paths`` ``jobs`` at a time in worker processes, longest first; one line per finished notebook as it
-    finishes; returns the runs in notebook order."""
+def _run_parallel(paths: list[Path], jobs: int, progress: _Progress, options, stream: TextIO,
+                  cold: bool) -> list[NotebookRun]:
+    """Run ``paths`` ``jobs`` at a time in worker processes, longest first (by the records of ``cold`` runs or of
+    warm ones); one line per finished notebook as it finishes; returns the runs in notebook order."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -383,8 +397,8 @@ def _run_parallel(paths: list[Path], jobs: int, progress: _Progress, options, st
     done: dict[Path, NotebookRun] = {}
     failure: BaseException | None = None
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_notebook, path, threads=threads, **options(path)): path
-                   for path in longest_first(paths)}
+        futures = {pool.submit(run_notebook, path, threads=threads, cold=cold, **options(path)): path
+                   for path in longest_first(paths, cold)}
         for future in as_completed(futures):
             path = futures[future]
             try:
