@@ -110,6 +110,17 @@ def test_bad_arguments_are_refused_before_any_run(setup, tmp_path):
     other.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="another schema"):
         tr.task_runs(model, moments, calibration, ranks, task, CONFIG, (0,), path=other)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="not a directory"):  # no row could be written: nothing is trained
+        tr.task_runs(model, moments, calibration, ranks, task, CONFIG, (0,), path=blocker / "runs.csv")
+    # a stored row that does not parse is named, before anything is attached or trained
+    out = tmp_path / "runs.csv"
+    tr.task_runs(model, moments, calibration, {"uniform": ranks["uniform"]}, task, CONFIG, (0,), path=out)
+    text = out.read_text()
+    out.write_text(text.replace(text.splitlines()[1].split(",")[5], "n/a", 1))  # the accuracy field
+    with pytest.raises(ValueError, match="does not parse"):
+        tr.task_runs(model, moments, calibration, {"uniform": ranks["uniform"]}, task, CONFIG, (0,), path=out)
 
 
 def test_the_committed_runs_are_notebook_08s_figure_data():

@@ -50,12 +50,12 @@ def functional_error(W: torch.Tensor, B: torch.Tensor, M: MetricForm = None, *,
     recomputed; the result is the same bit for bit. Raises ``ValueError`` for a ``reference`` that is not a finite
     positive number.
     """
-    W = W.detach().to(F64)
-    E = W - B.detach().to(F64)  # (d_out, d_in)
-    M = _dense(M)
     if reference is not None and not (isinstance(reference, (int, float)) and math.isfinite(reference) and reference > 0):
         raise ValueError(f"functional_error: reference={reference!r} must be ||W M^(1/2)||_F^2 > 0, a finite float "
                          "(functional_reference(W, M) computes it)")
+    W = W.detach().to(F64)
+    E = W - B.detach().to(F64)  # (d_out, d_in)
+    M = _dense(M)
     denominator = float(quad(W, M)) if reference is None else float(reference)
     return math.sqrt(max(float(quad(E, M)), 0.0) / denominator)
 

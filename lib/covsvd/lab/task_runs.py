@@ -24,8 +24,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..capture.cache import model_key
+from ..cli.checks import CLIError, check_output
 from ..util.digest import batches_digest, json_digest
 from .arms import AblationConfig
 from .rowstore import append_row, read_rows
@@ -49,11 +51,18 @@ def runs_key(model: nn.Module, calibration: Sequence[dict], ranks: Mapping[str, 
                             metric=METRIC, config=config.as_dict()), 12)
 
 
-def _stored(row: dict[str, str]) -> dict:
-    return dict(arm=row["arm"], seed=int(row["seed"]), trainable=int(row["trainable"]),
-                accuracy=float(row["accuracy"]), mrr=float(row["mrr"]),
-                losses=[float(v) for v in row["losses"].split()],
-                correct=torch.tensor([c == "1" for c in row["correct"]]), stored=True)
+def _stored(row: dict[str, str], path) -> dict:
+    """A stored row as a run; raises ``ValueError`` naming ``path`` and the row when a field does not parse."""
+    try:
+        if not row["losses"] or set(row["correct"]) - {"0", "1"}:
+            raise ValueError("no losses, or per-query hits other than 0/1")
+        return dict(arm=row["arm"], seed=int(row["seed"]), trainable=int(row["trainable"]),
+                    accuracy=float(row["accuracy"]), mrr=float(row["mrr"]),
+                    losses=[float(v) for v in row["losses"].split()],
+                    correct=torch.tensor([c == "1" for c in row["correct"]]), stored=True)
+    except ValueError as e:
+        raise ValueError(f"{path}: the stored run (arm {row['arm']!r}, seed {row['seed']}) does not parse ({e}); "
+                         "delete that row (or the file) to train it again") from None
 
 
 def task_runs(model: nn.Module, moments: Mapping, calibration: Sequence[dict],
@@ -75,8 +84,9 @@ def task_runs(model: nn.Module, moments: Mapping, calibration: Sequence[dict],
     Returns ``(reports, runs)``: ``reports[arm]`` the :class:`covsvd.AdapterReport` of the arm's attach, and one
     dict per run in ``seeds x ranks`` order with ``arm, seed, trainable, accuracy, mrr``, ``losses`` (every
     step's training loss), ``correct`` ((Q,) bool: which held-out queries retrieved their own document first)
-    and ``stored`` (read from ``path`` rather than trained). Raises ``ValueError`` for an empty ``ranks`` or
-    ``seeds``, a repeated seed, or a ``path`` with another schema.
+    and ``stored`` (read from ``path`` rather than trained). Raises ``ValueError`` before any run for an empty
+    ``ranks`` or ``seeds``, a repeated seed, a ``path`` with another schema or a stored row that does not parse,
+    and when runs are missing from a ``path`` whose folder cannot be written.
     """
     import covsvd
 
@@ -84,8 +94,14 @@ def task_runs(model: nn.Module, moments: Mapping, calibration: Sequence[dict],
     if not ranks or not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"task_runs needs at least one arm and distinct seeds; got arms {list(ranks)}, seeds {seeds}")
     key = runs_key(model, calibration, ranks, config)
-    done = {(r["arm"], int(r["seed"])): r for r in (read_rows(path, COLUMNS) if path is not None else [])
-            if r["key"] == key}
+    done = {(r["arm"], int(r["seed"])): _stored(r, path)
+            for r in (read_rows(path, COLUMNS) if path is not None else []) if r["key"] == key}
+    todo = [(s, a) for s in seeds for a in ranks]
+    if path is not None and any((a, s) not in done for s, a in todo):
+        try:  # a run's row could not be written: refuse before training
+            check_output(path, "path", reuse=True)
+        except CLIError as e:
+            raise ValueError(f"task_runs: {e}") from None
     targets = list(moments)
     attached, reports = {}, {}
     for arm, r in ranks.items():  # attach is seed-free: once per arm, copied per run
@@ -93,13 +109,10 @@ def task_runs(model: nn.Module, moments: Mapping, calibration: Sequence[dict],
         reports[arm] = covsvd.attach_adapters(attached[arm], moments, r=r, metric=METRIC, eps=config.eps,
                                               eps_mode=config.eps_mode, coeff=config.coeff, targets=targets,
                                               progress=False)
-    from tqdm import tqdm
-
     runs = []
-    todo = [(s, a) for s in seeds for a in ranks]
     for seed, arm in tqdm(todo, desc="task runs", disable=not progress, unit="run"):
         if (arm, seed) in done:
-            runs.append(_stored(done[arm, seed]))
+            runs.append(done[arm, seed])
             continue
         m = copy.deepcopy(attached[arm])
         params = [p for p in m.parameters() if p.requires_grad]
